@@ -1,0 +1,5 @@
+import sys
+
+from trl_diffpo.cli import main
+
+sys.exit(main())
