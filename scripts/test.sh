@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh dev
 .venv/bin/ruff check src tests benchmarks examples
 .venv/bin/ruff format --check src tests benchmarks examples
-.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -1,0 +1,371 @@
+"""Masked-diffusion decoding: turn prompts into completions by iterative unmasking, batched, leaving a trace.
+
+:func:`diffusion_generate` appends ``gen_length`` ``[MASK]`` tokens to each (left-padded) prompt and fills them block by
+block (semi-autoregressive): at every step one batched forward predicts all positions, and a sampler
+(:mod:`trl_diffpo.samplers`) commits some masked positions of each row's current block. Each row moves through its
+blocks at its own pace, so rows with different thresholds finish at different times in the same batch, and a row that
+has finished takes no further forward passes (and counts no further NFEs).
+
+The returned trace is what training needs: for every completion position the 1-based step of its row at which it was
+committed (``unmask_step``), the behaviour log-probability of the committed token under the distribution that
+committed it (``logprobs``), and per row the number of forward passes (``nfe``) and the threshold used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones import DiffusionBackbone, get_backbone
+from .samplers import (
+    ADAPTIVE_SAMPLERS,
+    CONFIDENCE_THRESHOLD,
+    ENTROPY_BOUNDED,
+    FIXED_SCHEDULE_SAMPLERS,
+    LOW_CONFIDENCE,
+    RANDOM,
+    SAMPLERS,
+    fixed_schedule,
+    select_confidence_threshold,
+    select_entropy_bounded,
+    select_top_k,
+)
+
+_GUMBEL_EPS = 1e-20
+
+
+@dataclass
+class DiffusionGenerateOutput:
+    """The result and trace of :func:`diffusion_generate`.
+
+    Attributes:
+        sequences: ``(batch, prompt_len + gen_length)`` prompt ids followed by the sampled canvas. Positions after a
+            row's first EOS that were never decoded (early stop) hold ``eos_token_id``.
+        unmask_step: ``(batch, gen_length)`` 1-based step of the row at which each completion position was committed;
+            always in ``[1, nfe[row]]``. Positions filled at an early stop carry the row's last step.
+        logprobs: ``(batch, gen_length)`` float32 behaviour log-probability of each committed token under the
+            distribution that committed it (softmax of ``logits / temperature``; of the plain logits when
+            ``temperature == 0``). ``0`` for positions filled at an early stop.
+        nfe: ``(batch,)`` forward passes each row took part in.
+        threshold: ``(batch,)`` float32 threshold used by each row (``nan`` for the fixed-schedule samplers).
+        completion_mask: ``(batch, gen_length)`` bool, ``True`` up to and including the first EOS (all ``True`` when
+            no ``eos_token_id`` is given).
+        prompt_hidden: ``(batch, hidden)`` mean-pooled last-layer hidden state of the prompt from the first forward,
+            detached, when a ``threshold_fn`` was given or ``return_prompt_hidden=True``; else ``None``.
+    """
+
+    sequences: torch.LongTensor
+    unmask_step: torch.LongTensor
+    logprobs: torch.Tensor
+    nfe: torch.LongTensor
+    threshold: torch.Tensor
+    completion_mask: torch.BoolTensor
+    prompt_hidden: torch.Tensor | None = None
+
+    @property
+    def completion_ids(self) -> torch.LongTensor:
+        """``(batch, gen_length)`` the completion part of ``sequences``."""
+        return self.sequences[:, -self.unmask_step.shape[1] :]
+
+    @property
+    def tokens_per_step(self) -> torch.Tensor:
+        """``(batch,)`` completion tokens (up to the first EOS) committed per forward pass."""
+        return self.completion_mask.sum(-1).float() / self.nfe.clamp(min=1).float()
+
+
+def policy_log_softmax(logits: torch.Tensor, mask_token_id: int, temperature: float = 0.0) -> torch.Tensor:
+    """Log-probabilities of the token distribution the sampler draws from (the policy, for training too).
+
+    ``log_softmax(logits / temperature)`` in float32 (plain logits when ``temperature == 0``) with the ``[MASK]``
+    token excluded: a position is never "committed" to ``[MASK]``.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logits = logits.clone() if logits.requires_grad else logits
+    logits[..., mask_token_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _check_options(
+    gen_length: int,
+    block_length: int,
+    sampler: str,
+    steps: int | None,
+    temperature: float,
+) -> tuple[int, int]:
+    """Validate the options; return ``(num_blocks, steps_per_block)`` (``steps_per_block`` 0 for adaptive samplers)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}.")
+    if gen_length <= 0:
+        raise ValueError(f"gen_length must be a positive integer, got {gen_length}.")
+    if block_length <= 0 or gen_length % block_length != 0:
+        raise ValueError(
+            f"block_length={block_length} must be a positive divisor of gen_length={gen_length} "
+            "(semi-autoregressive blocks tile the completion)."
+        )
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}.")
+    num_blocks = gen_length // block_length
+    if sampler in ADAPTIVE_SAMPLERS:
+        return num_blocks, 0
+    if steps is None:
+        raise ValueError(f"sampler={sampler!r} needs `steps` (total denoising steps, a multiple of {num_blocks}).")
+    if steps <= 0 or steps % num_blocks != 0:
+        raise ValueError(
+            f"steps={steps} must be a positive multiple of the number of blocks ({num_blocks} = gen_length "
+            f"{gen_length} / block_length {block_length})."
+        )
+    steps_per_block = steps // num_blocks
+    if steps_per_block > block_length:
+        raise ValueError(
+            f"steps={steps} gives {steps_per_block} steps per block, more than block_length={block_length}: every "
+            f"step must commit at least one token, so steps must be at most {num_blocks * block_length}."
+        )
+    return num_blocks, steps_per_block
+
+
+def _check_threshold(threshold: torch.Tensor, sampler: str) -> None:
+    if sampler == CONFIDENCE_THRESHOLD:
+        bad = ~((threshold > 0) & (threshold <= 1))
+        valid = "(0, 1]"
+    elif sampler == ENTROPY_BOUNDED:
+        bad = ~(torch.isfinite(threshold) & (threshold >= 0))
+        valid = "[0, inf) (gamma, in nats)"
+    else:
+        return
+    if bad.any():
+        value = threshold[bad][0].item()
+        raise ValueError(f"threshold={value} is out of range for sampler={sampler!r}: valid range is {valid}.")
+
+
+def _as_row_threshold(threshold, batch_size: int, device: torch.device, sampler: str) -> torch.Tensor:
+    if sampler in FIXED_SCHEDULE_SAMPLERS:
+        return torch.full((batch_size,), float("nan"), device=device)
+    if threshold is None:
+        raise ValueError(f"sampler={sampler!r} needs a `threshold` (a float or a per-row tensor) or a `threshold_fn`.")
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+    if threshold.dim() == 0:
+        threshold = threshold.expand(batch_size).clone()
+    if threshold.shape != (batch_size,):
+        raise ValueError(
+            f"threshold must be a float or a tensor of shape ({batch_size},), got {tuple(threshold.shape)}."
+        )
+    _check_threshold(threshold, sampler)
+    return threshold
+
+
+def _uniform(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniform noise from a local generator (created on the generator's device, then moved)."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _pool_prompt(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    weights = prompt_mask.to(hidden.dtype)[..., None]
+    return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).detach()
+
+
+def _any_rank_active(local_active: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if local_active else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+@torch.no_grad()
+def diffusion_generate(
+    model: nn.Module | DiffusionBackbone,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    gen_length: int = 128,
+    block_length: int = 32,
+    sampler: str = LOW_CONFIDENCE,
+    steps: int | None = None,
+    threshold: float | torch.Tensor | None = None,
+    threshold_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    mask_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    stop_at_eos: bool = True,
+    return_prompt_hidden: bool = False,
+    synced_gpus: bool = False,
+) -> DiffusionGenerateOutput:
+    """Generate completions with a masked diffusion LM.
+
+    Args:
+        model: the dLLM (any model :func:`trl_diffpo.backbones.get_backbone` accepts) or a ready backbone.
+        input_ids: ``(batch, prompt_len)`` left-padded prompt ids.
+        attention_mask: ``(batch, prompt_len)`` 1 for prompt tokens, 0 for left padding (``None``: no padding).
+        gen_length: completion length (number of ``[MASK]`` tokens appended).
+        block_length: semi-autoregressive block length; must divide ``gen_length``.
+        sampler: ``"low_confidence"`` (top-k by confidence), ``"random"`` (top-k at random), ``"confidence_threshold"``
+            (commit every position with confidence >= threshold, at least one) or ``"entropy_bounded"`` (EB: longest
+            lowest-entropy prefix whose entropy sum minus its max is <= threshold, at least one).
+        steps: total steps for the fixed-schedule samplers; a multiple of the block count, at most ``gen_length``.
+        threshold: float or ``(batch,)`` tensor: confidence threshold in (0, 1] or EB gamma >= 0.
+        threshold_fn: called once with the ``(batch, hidden)`` pooled prompt hidden state of the first forward; returns
+            the ``(batch,)`` per-row thresholds (how a learned sampler head sets thresholds without an extra forward).
+        temperature: 0 for greedy (argmax); otherwise Gumbel-max sampling from ``softmax(logits / temperature)``.
+        generator: local ``torch.Generator`` for all randomness (Gumbel noise, random order); the global RNG is
+            never used. ``None`` creates a fresh, non-deterministically seeded one when randomness is needed.
+        mask_token_id: the ``[MASK]`` id; resolved from the model config / tokenizer when ``None``.
+        eos_token_id: end-of-sequence id. With ``stop_at_eos`` a row stops as soon as every position up to its first
+            committed EOS is decoded: its remaining masked positions become EOS without further forward passes.
+        return_prompt_hidden: also return the pooled prompt hidden state (needs ``output_hidden_states``).
+        synced_gpus: in distributed runs where every forward is a collective (ZeRO-3 without gathering, FSDP), keep
+            issuing forwards until every rank is done, so all ranks make the same number of forward passes.
+
+    Returns:
+        :class:`DiffusionGenerateOutput`.
+    """
+    backbone = model if isinstance(model, DiffusionBackbone) else get_backbone(model, mask_token_id=mask_token_id)
+    mask_id = backbone.mask_token_id if mask_token_id is None else int(mask_token_id)
+    num_blocks, steps_per_block = _check_options(gen_length, block_length, sampler, steps, temperature)
+    if threshold_fn is not None and sampler not in ADAPTIVE_SAMPLERS:
+        raise ValueError(f"threshold_fn only applies to the adaptive samplers {ADAPTIVE_SAMPLERS}, not {sampler!r}.")
+    device = input_ids.device
+    batch_size, prompt_length = input_ids.shape
+    row_threshold = None if threshold_fn is not None else _as_row_threshold(threshold, batch_size, device, sampler)
+    if generator is None and (temperature > 0 or sampler == RANDOM):
+        generator = torch.Generator(device=device)
+        generator.seed()
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompt_mask = attention_mask.to(device=device, dtype=torch.long)
+    has_padding = bool((prompt_mask == 0).any())
+    canvas = torch.cat([input_ids, input_ids.new_full((batch_size, gen_length), mask_id)], dim=1)
+    full_mask = (
+        torch.cat([prompt_mask, prompt_mask.new_ones((batch_size, gen_length))], dim=1) if has_padding else None
+    )
+
+    unmask_step = torch.zeros(batch_size, gen_length, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch_size, gen_length, dtype=torch.float32, device=device)
+    nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
+    block_index = torch.zeros(batch_size, dtype=torch.long, device=device)
+    step_in_block = torch.zeros(batch_size, dtype=torch.long, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    schedule = torch.tensor(fixed_schedule(block_length, steps_per_block), device=device) if steps_per_block else None
+    offsets = torch.arange(block_length, device=device)
+    need_hidden = threshold_fn is not None or return_prompt_hidden
+    prompt_hidden = None
+    distributed = synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    while True:
+        active = ~done
+        locally_active = bool(active.any())
+        if distributed:
+            if not _any_rank_active(locally_active, device):
+                break
+            if not locally_active:  # keep the collective forwards in step with the ranks still decoding
+                backbone(canvas[:1], None if full_mask is None else full_mask[:1])
+                continue
+        elif not locally_active:
+            break
+        all_active = bool(active.all())
+        rows = None if all_active else active.nonzero().squeeze(1)
+        row_canvas = canvas if all_active else canvas[rows]
+        row_mask = full_mask if (full_mask is None or all_active) else full_mask[rows]
+        first_step = prompt_hidden is None and need_hidden
+        output = backbone(row_canvas, row_mask, output_hidden_states=first_step)
+        if first_step:  # the first step runs on every row
+            prompt_hidden = _pool_prompt(output.hidden_states[:, :prompt_length], prompt_mask)
+            if threshold_fn is not None:
+                row_threshold = torch.as_tensor(threshold_fn(prompt_hidden), dtype=torch.float32, device=device)
+                row_threshold = row_threshold.reshape(batch_size)
+                _check_threshold(row_threshold, sampler)
+
+        def take(tensor, rows=rows):
+            return tensor if rows is None else tensor[rows]
+
+        row_nfe = take(nfe) + 1
+        row_block = take(block_index)
+        positions = prompt_length + row_block[:, None] * block_length + offsets  # (rows, block) canvas positions
+        vocab_size = output.logits.shape[-1]
+        block_logits = output.logits.gather(1, positions[..., None].expand(-1, -1, vocab_size)).float()
+        block_tokens = row_canvas.gather(1, positions)
+        candidates = block_tokens == mask_id
+
+        block_logprobs = policy_log_softmax(block_logits, mask_id, temperature)
+        if temperature > 0:
+            uniform = _uniform(block_logprobs.shape, generator, device).clamp_(min=_GUMBEL_EPS)
+            proposal = (block_logprobs - torch.log(-torch.log(uniform))).argmax(-1)
+        else:
+            proposal = block_logprobs.argmax(-1)
+        proposal_logprob = block_logprobs.gather(-1, proposal[..., None]).squeeze(-1)
+
+        if sampler == LOW_CONFIDENCE:
+            selected = select_top_k(proposal_logprob, candidates, schedule[take(step_in_block)])
+        elif sampler == RANDOM:
+            scores = _uniform(candidates.shape, generator, device)
+            selected = select_top_k(scores, candidates, schedule[take(step_in_block)])
+        elif sampler == CONFIDENCE_THRESHOLD:
+            selected = select_confidence_threshold(proposal_logprob.exp(), candidates, take(row_threshold))
+        else:
+            probs = block_logprobs.exp()
+            entropy = -torch.special.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0 at the excluded [MASK]
+            selected = select_entropy_bounded(entropy, candidates, take(row_threshold))
+
+        completion_positions = positions - prompt_length
+        new_tokens = torch.where(selected, proposal, block_tokens)
+        row_canvas = row_canvas.scatter(1, positions, new_tokens)
+        row_steps, row_logprobs = take(unmask_step), take(logprobs)
+        row_steps = row_steps.scatter(
+            1, completion_positions, torch.where(selected, row_nfe[:, None], row_steps.gather(1, completion_positions))
+        )
+        row_logprobs = row_logprobs.scatter(
+            1,
+            completion_positions,
+            torch.where(selected, proposal_logprob, row_logprobs.gather(1, completion_positions)),
+        )
+
+        block_finished = ~(new_tokens == mask_id).any(-1)
+        row_block = row_block + block_finished.long()
+        row_step_in_block = torch.where(block_finished, 0, take(step_in_block) + 1)
+        row_done = row_block >= num_blocks
+        if eos_token_id is not None and stop_at_eos:
+            completion = row_canvas[:, prompt_length:]
+            row_done = row_done | _finished_at_eos(completion, mask_id, eos_token_id)
+            fill = row_done[:, None] & (completion == mask_id)
+            completion = torch.where(fill, eos_token_id, completion)
+            row_canvas = torch.cat([row_canvas[:, :prompt_length], completion], dim=1)
+            row_steps = torch.where(fill, row_nfe[:, None], row_steps)
+
+        if all_active:
+            canvas, unmask_step, logprobs, nfe = row_canvas, row_steps, row_logprobs, row_nfe
+            block_index, step_in_block, done = row_block, row_step_in_block, row_done
+        else:
+            canvas[rows], unmask_step[rows], logprobs[rows], nfe[rows] = row_canvas, row_steps, row_logprobs, row_nfe
+            block_index[rows], step_in_block[rows], done[rows] = row_block, row_step_in_block, row_done
+
+    completion = canvas[:, prompt_length:]
+    if eos_token_id is not None:
+        is_eos = completion == eos_token_id
+        first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), gen_length)
+        completion_mask = torch.arange(gen_length, device=device)[None, :] <= first_eos[:, None]
+    else:
+        completion_mask = torch.ones_like(completion, dtype=torch.bool)
+    return DiffusionGenerateOutput(
+        sequences=canvas,
+        unmask_step=unmask_step,
+        logprobs=logprobs,
+        nfe=nfe,
+        threshold=row_threshold,
+        completion_mask=completion_mask,
+        prompt_hidden=prompt_hidden,
+    )
+
+
+def _finished_at_eos(completion: torch.Tensor, mask_id: int, eos_token_id: int) -> torch.Tensor:
+    """``(rows,)`` whether every position up to and including the row's first EOS is decoded."""
+    length = completion.shape[1]
+    is_mask = completion == mask_id
+    is_eos = completion == eos_token_id
+    first_mask = torch.where(is_mask.any(-1), is_mask.int().argmax(-1), length)
+    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), length)
+    return first_eos < first_mask
