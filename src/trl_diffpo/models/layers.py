@@ -1,0 +1,143 @@
+"""Building blocks shared by the native LLaDA and Dream implementations.
+
+Both are pre-norm transformers with RMSNorm, rotary position embeddings (the "rotate half" convention: the head
+dimension is split into two halves, not interleaved pairs), SwiGLU feed-forward layers and **bidirectional**
+attention. Attention goes through transformers' attention interface (``eager`` / ``sdpa`` / ``flash_attention_2`` /
+...), always with ``is_causal=False``; padding is expressed by a key mask built with
+:func:`transformers.masking_utils.create_bidirectional_mask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, normalising in float32 and scaling in the input dtype.
+
+    ``weight`` is absent when ``elementwise_affine=False`` and ``bias`` is only created when ``bias=True``
+    (LLaDA's ``bias_for_layer_norm``); the released checkpoints use a weight and no bias.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, elementwise_affine: bool = True, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if (bias and elementwise_affine) else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        normed = hidden_states.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = normed.to(input_dtype)
+        if self.weight is not None:
+            normed = self.weight * normed
+        if self.bias is not None:
+            normed = normed + self.bias
+        return normed
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.weight.shape) if self.weight is not None else None
+        return f"{shape}, eps={self.eps}"
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``cos`` / ``sin`` tables of shape ``(batch, seq_len, head_dim)`` for the given positions.
+
+    The inverse frequencies are recomputed on every call (``head_dim / 2`` numbers) instead of living in a buffer, so
+    nothing has to be re-initialised after ``from_pretrained`` builds the model on the meta device.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (float(theta) ** exponents)
+    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        angles = position_ids.float()[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) -> (-x2, x1)`` over the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``(batch, heads, seq_len, head_dim)`` by tables of shape ``(batch, seq_len, head_dim)``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def default_position_ids(
+    input_shape: tuple[int, int], attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.LongTensor:
+    """Positions ``0..n-1`` counted over real tokens only when a 2-D padding mask is given, else ``arange``.
+
+    With left padding this makes a sequence's positions, and so its logits, independent of how much padding
+    precedes it. Padding positions get position 0 (their outputs are meaningless anyway).
+    """
+    batch_size, seq_len = input_shape
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)
+    return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+
+
+def bidirectional_attention_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The mask the configured attention implementation expects, from a 2-D ``(batch, seq_len)`` 0/1 padding mask.
+
+    ``None`` stays ``None`` (full attention) and a 2-D mask of all ones is dropped. A 4-D boolean mask
+    ``(batch, 1, q_len, kv_len)`` (the form Dream's Hub generation code passes) is turned into an additive float mask
+    that both ``eager`` and ``sdpa`` understand; a 4-D float mask is passed on as it is.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            blocked = torch.finfo(inputs_embeds.dtype).min
+            zeros = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            return torch.where(attention_mask.to(inputs_embeds.device), zeros, blocked)
+        return attention_mask
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be a 2-D (batch, seq_len) padding mask or a prepared 4-D mask, "
+            f"got shape {tuple(attention_mask.shape)}."
+        )
+    return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """Repeat each key/value head ``groups`` times: ``(b, kv_heads, t, d) -> (b, kv_heads * groups, t, d)``."""
+    if groups == 1:
+        return states
+    return states.repeat_interleave(groups, dim=1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention (no causal mask); returns ``(batch, seq_len, heads, head_dim)`` and the weights."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def attention_function(config) -> Callable:
+    """The attention kernel selected by ``config._attn_implementation`` (``eager`` falls back to ours)."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
