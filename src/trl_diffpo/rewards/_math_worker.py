@@ -1,0 +1,85 @@
+"""Math-equivalence judging with ``math_verify``, run inside a dedicated worker process.
+
+This file is deliberately standalone (standard library + ``math_verify`` only, no ``trl_diffpo`` imports) so that the
+worker starts as ``python _math_worker.py`` in a fresh interpreter: it never imports the user's training script,
+torch or CUDA, and can be killed at any moment without harming the parent. :func:`judge` is also imported in-process
+by :class:`trl_diffpo.rewards.math_verifier.MathVerifier` when ``use_subprocess=False``.
+
+Protocol (one JSON object per line): the worker first writes ``{"ready": true}`` (or ``{"error": "..."}`` and exits),
+then answers every request ``{"id": n, "gold": str, "pred": str}`` with ``{"id": n, "correct": bool}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+# parsed gold answers are reused across the G completions of one prompt; bound the cache so it cannot grow forever
+GOLD_CACHE_SIZE = 4096
+_gold_cache: dict[str, list] = {}
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    # signal-based timeouts are disabled: the caller bounds run time by running this in a killable process
+    return parse(text, parsing_timeout=None)
+
+
+def _parse_gold(gold: str) -> list:
+    parsed = _gold_cache.get(gold)
+    if parsed is None:
+        parsed = _parse(gold if "\\boxed" in gold else f"\\boxed{{{gold}}}")
+        if len(_gold_cache) >= GOLD_CACHE_SIZE:
+            _gold_cache.clear()
+        _gold_cache[gold] = parsed
+    return parsed
+
+
+def judge(gold: str, pred: str) -> bool:
+    """Whether ``pred`` is mathematically equivalent to ``gold`` (both LaTeX or plain text) according to math_verify.
+
+    ``pred`` is tried twice: wrapped in ``\\boxed{}`` (so LaTeX such as ``\\dfrac{1}{2}`` or ``(3, \\frac{\\pi}{2})``
+    parses as one expression) and as is (so ``18 dollars`` or ``x = 5`` still yield their number). Never raises.
+    """
+    from math_verify import verify
+
+    try:
+        gold_parsed = _parse_gold(gold)
+        if not gold_parsed:
+            return False
+        candidates = [pred] if "\\boxed" in pred else [f"\\boxed{{{pred}}}", pred]
+        for candidate in candidates:
+            pred_parsed = _parse(candidate)
+            if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+                return True
+    except Exception:  # math_verify/sympy can raise almost anything on odd input: "not equivalent"
+        return False
+    return False
+
+
+def _serve() -> int:
+    logging.disable(logging.CRITICAL)  # math_verify warns that its timeouts are off: expected here
+    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
+    try:
+        import math_verify  # noqa: F401
+    except Exception as err:  # pragma: no cover - depends on the environment
+        protocol_out.write(json.dumps({"error": f"cannot import math_verify: {err!r}"}) + "\n")
+        return 1
+    protocol_out.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            correct = judge(str(request["gold"]), str(request["pred"]))
+            reply = {"id": request["id"], "correct": bool(correct)}
+        except Exception as err:  # a malformed request must not kill the worker
+            reply = {"id": None, "error": repr(err)}
+        protocol_out.write(json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())
