@@ -33,8 +33,9 @@ def sort_candidates(scores: torch.Tensor, candidates: torch.Tensor) -> tuple[tor
     Returns ``(order, ranks)``: ``order[row, r]`` is the position of rank ``r`` and ``ranks[row, pos]`` the rank
     (0 = best) of position ``pos``. Ties are broken by position (stable sort), so the result is deterministic.
     """
-    scores = scores.masked_fill(~candidates, float("-inf"))
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    # Second stable pass on the candidate flag alone: candidates first even when a candidate's score is -inf or nan.
+    order = order.gather(-1, torch.sort((~candidates).gather(-1, order).byte(), dim=-1, stable=True).indices)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return order, ranks
