@@ -711,3 +711,25 @@ def test_cli_dispatches_check_checkpoint(llada_folder, capsys):
 
     assert cli_main(["check-checkpoint", str(llada_folder[0])]) == 0
     assert "LLaDAModelLM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
+def test_generation_config_tuple_output_and_bfloat16(tmp_path, build):
+    model = build()
+    # TRL reads the pad / eos ids from `model.generation_config`
+    assert model.generation_config.pad_token_id == PAD_ID
+    assert model.generation_config.eos_token_id == 2
+    ids = random_ids()
+    with torch.no_grad():
+        as_tuple = model(ids, return_dict=False)
+        as_output = model(ids)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_output.logits, rtol=0, atol=0)
+
+    model.save_pretrained(tmp_path)
+    half = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.generation_config.pad_token_id == PAD_ID
+    with torch.no_grad():
+        logits = half(ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), as_output.logits, rtol=0.05, atol=0.05)

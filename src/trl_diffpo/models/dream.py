@@ -28,6 +28,7 @@ from .layers import (
     bidirectional_attention_mask,
     default_position_ids,
     rotary_cos_sin,
+    special_token_generation_config,
 )
 
 DREAM_MODEL_TYPE = "Dream"
@@ -287,6 +288,7 @@ class DreamModel(DreamPreTrainedModel):
         super().__init__(config)
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = special_token_generation_config(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -326,4 +328,5 @@ class DreamModel(DreamPreTrainedModel):
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
-        return MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
+        output = MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -141,3 +142,14 @@ def eager_attention_forward(
 def attention_function(config) -> Callable:
     """The attention kernel selected by ``config._attn_implementation`` (``eager`` falls back to ours)."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+def special_token_generation_config(config) -> GenerationConfig:
+    """A ``GenerationConfig`` carrying the config's bos / eos / pad ids.
+
+    These models cannot run ``generate()`` (decoding is masked diffusion, see :mod:`trl_diffpo.generation`), but TRL
+    reads ``model.generation_config`` for the pad and eos ids, so the LM classes always have one.
+    """
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )

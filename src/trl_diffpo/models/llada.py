@@ -30,6 +30,7 @@ from .layers import (
     bidirectional_attention_mask,
     default_position_ids,
     rotary_cos_sin,
+    special_token_generation_config,
 )
 
 LLADA_MODEL_TYPE = "llada"
@@ -356,6 +357,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDAModel(config)
+        self.generation_config = special_token_generation_config(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -397,4 +399,5 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         logits = self.model.transformer.ff_out(outputs.last_hidden_state)
         if self.config.scale_logits:
             logits = logits * (1.0 / math.sqrt(self.config.d_model))
-        return MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
+        output = MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
