@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from itertools import permutations
+from functools import lru_cache
 from typing import Any
 
 from ._base import score_completions
@@ -111,18 +111,14 @@ def count_solutions(puzzle: Sequence[int], limit: int = 2) -> int:
     return count
 
 
+@lru_cache(maxsize=1)
+def _solution_grids() -> tuple[Grid, ...]:
+    return tuple(sorted(iter_solutions((BLANK,) * CELLS)))
+
+
 def all_solution_grids() -> list[Grid]:
     """Every valid complete 4x4 grid (there are 288), in lexicographic order."""
-    rows = list(permutations(DIGITS))
-    grids = []
-    for first in rows:
-        for second in rows:
-            for third in rows:
-                for fourth in rows:
-                    grid = first + second + third + fourth
-                    if is_complete_solution(grid):
-                        grids.append(grid)
-    return grids
+    return list(_solution_grids())
 
 
 def extract_sudoku_grid(text: str) -> Grid | None:
