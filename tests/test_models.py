@@ -733,3 +733,51 @@ def test_generation_config_tuple_output_and_bfloat16(tmp_path, build):
         logits = half(ids, attention_mask=torch.ones_like(ids)).logits
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), as_output.logits, rtol=0.05, atol=0.05)
+
+
+# The full-size configs of the released checkpoints (the fields that decide names and shapes).
+LLADA_8B = dict(
+    OFFICIAL_LLADA_CONFIG,
+    d_model=4096,
+    n_heads=32,
+    n_kv_heads=32,
+    n_layers=32,
+    mlp_hidden_size=12288,
+    vocab_size=126464,
+    embedding_size=126464,
+    max_sequence_length=4096,
+    mask_token_id=126336,
+    eos_token_id=126081,
+    pad_token_id=126081,
+)
+DREAM_7B = dict(
+    OFFICIAL_DREAM_CONFIG,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=131072,
+    mask_token_id=151666,
+    pad_token_id=151643,
+    bos_token_id=151643,
+    eos_token_id=151643,
+)
+
+
+@pytest.mark.parametrize(
+    ("config_class", "model_class", "config", "official_shapes", "count"),
+    [
+        (LLaDAConfig, LLaDAModelLM, LLADA_8B, official_llada_shapes, 291),
+        (DreamConfig, DreamModel, DREAM_7B, official_dream_shapes, 339),
+    ],
+)
+def test_full_size_configs_build_the_released_names_and_shapes(
+    config_class, model_class, config, official_shapes, count
+):
+    with torch.device("meta"):
+        model = model_class(config_class(**{k: v for k, v in config.items() if k != "auto_map"}))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes == official_shapes(config)
+    assert len(shapes) == count
