@@ -80,10 +80,10 @@ OFFICIAL_LLADA_CONFIG = {
     "pad_token_id": PAD_ID,
     "precision": "amp_bf16",
     "residual_dropout": 0.0,
-    "rms_norm_eps": 1e-05,
+    "rms_norm_eps": 1e-06,  # non-default values, so a dropped field shows
     "rope": True,
     "rope_full_precision": True,
-    "rope_theta": 500000.0,
+    "rope_theta": 10000.0,
     "scale_logits": False,
     "torch_dtype": "float32",
     "transformers_version": "4.46.3",
@@ -111,9 +111,9 @@ OFFICIAL_DREAM_CONFIG = {
     "num_hidden_layers": 2,
     "num_key_value_heads": 2,
     "pad_token_id": PAD_ID,
-    "rms_norm_eps": 1e-06,
+    "rms_norm_eps": 1e-05,
     "rope_scaling": None,
-    "rope_theta": 1000000.0,
+    "rope_theta": 5000.0,
     "sliding_window": None,
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
@@ -738,6 +738,8 @@ def test_generation_config_tuple_output_and_bfloat16(tmp_path, build):
 # The full-size configs of the released checkpoints (the fields that decide names and shapes).
 LLADA_8B = dict(
     OFFICIAL_LLADA_CONFIG,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-05,
     d_model=4096,
     n_heads=32,
     n_kv_heads=32,
@@ -752,6 +754,8 @@ LLADA_8B = dict(
 )
 DREAM_7B = dict(
     OFFICIAL_DREAM_CONFIG,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-06,
     hidden_size=3584,
     intermediate_size=18944,
     num_hidden_layers=28,
