@@ -785,3 +785,15 @@ def test_full_size_configs_build_the_released_names_and_shapes(
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assert shapes == official_shapes(config)
     assert len(shapes) == count
+
+
+@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
+def test_trl_create_model_from_path_builds_native_classes(tmp_path, build, llada_folder, dream_folder):
+    # TRL resolves architectures outside `transformers` through `config.auto_map`, then AutoModelForCausalLM
+    from trl.trainer.utils import create_model_from_path
+
+    model = build()
+    model.save_pretrained(tmp_path)
+    assert type(create_model_from_path(str(tmp_path))) is type(model)
+    official = llada_folder[0] if isinstance(model, LLaDAModelLM) else dream_folder[0]
+    assert type(create_model_from_path(str(official))) is type(model)

@@ -14,6 +14,8 @@ class with the LM head; the trunk is :class:`DreamBaseModel`, as in the original
 
 from __future__ import annotations
 
+from dataclasses import field
+
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -73,6 +75,9 @@ class DreamConfig(PreTrainedConfig):
     pad_token_id: int | None = DREAM_PAD_TOKEN_ID
     bos_token_id: int | None = DREAM_PAD_TOKEN_ID
     eos_token_id: int | list[int] | None = DREAM_PAD_TOKEN_ID
+    # The released config.json names its Hub code here; it is ignored because the native class is registered. Always
+    # present (empty by default): TRL's `create_model_from_path` reads `config.auto_map` for non-transformers classes.
+    auto_map: dict = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -16,6 +16,7 @@ safetensors load unchanged, without ``trust_remote_code``.
 from __future__ import annotations
 
 import math
+from dataclasses import field
 
 import torch
 from torch import nn
@@ -115,6 +116,9 @@ class LLaDAConfig(PreTrainedConfig):
     init_cutoff_factor: float | None = None
     precision: str | None = None
     use_cache: bool = False
+    # The released config.json names its Hub code here; it is ignored because the native class is registered. Always
+    # present (empty by default): TRL's `create_model_from_path` reads `config.auto_map` for non-transformers classes.
+    auto_map: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
