@@ -83,10 +83,13 @@ def policy_log_softmax(logits: torch.Tensor, mask_token_id: int, temperature: fl
     ``log_softmax(logits / temperature)`` in float32 (plain logits when ``temperature == 0``) with the ``[MASK]``
     token excluded: a position is never "committed" to ``[MASK]``.
     """
+    owned = logits.dtype != torch.float32  # `.float()` below makes a fresh copy we may write into
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
-    logits = logits.clone() if logits.requires_grad else logits
+        owned = True
+    if not owned:  # never write into the caller's tensor (a fresh copy is safe to edit, even under autograd)
+        logits = logits.clone()
     logits[..., mask_token_id] = float("-inf")
     return torch.log_softmax(logits, dim=-1)
 
@@ -165,8 +168,10 @@ def _uniform(shape, generator: torch.Generator, device: torch.device) -> torch.T
 
 
 def _pool_prompt(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    weights = prompt_mask.to(hidden.dtype)[..., None]
-    return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).detach()
+    """Mean of the prompt tokens' hidden states (padding excluded), accumulated in float32, in the hidden dtype."""
+    weights = prompt_mask.float()[..., None]
+    pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return pooled.to(hidden.dtype).detach()
 
 
 def _any_rank_active(local_active: bool, device: torch.device) -> bool:
@@ -258,7 +263,8 @@ def diffusion_generate(
 
     while True:
         active = ~done
-        locally_active = bool(active.any())
+        num_active = int(active.sum())  # the one host sync per step (the row subset below needs it anyway)
+        locally_active = num_active > 0
         if distributed:
             if not _any_rank_active(locally_active, device):
                 break
@@ -267,7 +273,7 @@ def diffusion_generate(
                 continue
         elif not locally_active:
             break
-        all_active = bool(active.all())
+        all_active = num_active == batch_size
         rows = None if all_active else active.nonzero().squeeze(1)
         row_canvas = canvas if all_active else canvas[rows]
         row_mask = full_mask if (full_mask is None or all_active) else full_mask[rows]
@@ -277,7 +283,12 @@ def diffusion_generate(
             prompt_hidden = _pool_prompt(output.hidden_states[:, :prompt_length], prompt_mask)
             if threshold_fn is not None:
                 row_threshold = torch.as_tensor(threshold_fn(prompt_hidden), dtype=torch.float32, device=device)
-                row_threshold = row_threshold.reshape(batch_size)
+                if row_threshold.numel() != batch_size:
+                    raise ValueError(
+                        f"threshold_fn must return one threshold per row, shape ({batch_size},); got a tensor of "
+                        f"shape {tuple(row_threshold.shape)}."
+                    )
+                row_threshold = row_threshold.reshape(batch_size).detach()
                 _check_threshold(row_threshold, sampler)
 
         def take(tensor, rows=rows):
