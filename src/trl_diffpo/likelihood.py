@@ -173,6 +173,47 @@ def build_stage_latents(
     return rows.masked_fill(hidden, mask_token_id)
 
 
+TOKEN_IS = "token"
+SEQUENCE_IS = "sequence"
+NO_IS = "none"
+IS_CORRECTIONS = (TOKEN_IS, SEQUENCE_IS, NO_IS)
+
+
+def importance_weights(
+    surrogate_logps: torch.Tensor,
+    behaviour_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = TOKEN_IS,
+    clamp: float = 2.0,
+) -> torch.Tensor:
+    """The detached IS weight correcting rollouts of the real sampler (behaviour) towards the surrogate policy.
+
+    - ``token``: ``w_l = min(C, exp(surrogate_l - behaviour_l))`` per token (DiFFPO);
+    - ``sequence``: one weight per sequence, ``min(C, exp(mean_l(surrogate_l - behaviour_l)))`` over the masked
+      tokens (the length-normalised, geometric-mean ratio: the plain product underflows to 0 on long completions);
+    - ``none``: 1.
+
+    Args:
+        surrogate_logps, behaviour_logps: ``(..., gen_length)`` log-probs of the same tokens.
+        mask: ``(..., gen_length)`` 1 for tokens that count.
+        clamp: ``C > 0``.
+
+    Returns:
+        ``(..., gen_length)`` float32 weights (1 outside ``mask``), no gradient.
+    """
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"is_correction={mode!r} is not supported; choose one of {', '.join(IS_CORRECTIONS)}.")
+    mask = mask.bool()
+    log_ratio = (surrogate_logps.detach().float() - behaviour_logps.detach().float()).masked_fill(~mask, 0.0)
+    if mode == NO_IS:
+        return torch.ones_like(log_ratio)
+    if mode == SEQUENCE_IS:
+        mean = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = mean.expand_as(log_ratio)
+    weights = torch.exp(log_ratio).clamp(max=clamp)
+    return weights.masked_fill(~mask, 1.0)
+
+
 def masked_entropy(log_probs: torch.Tensor) -> torch.Tensor:
     """Entropy of distributions given as log-probs that may hold ``-inf`` (the excluded ``[MASK]``); grad-safe."""
     finite = torch.isfinite(log_probs)
