@@ -147,10 +147,10 @@ def extract_countdown_expression(text: str) -> str | None:
 
     1. The region is the last ``<answer>`` block, else the last non-empty line of the completion.
     2. Operators are normalised (``\\times``, ``×`` -> ``*``; ``\\div``, ``÷`` -> ``/``; ``$`` dropped).
-    3. If the region holds ``=``, the first side containing an operator is kept (``(1+2)*3 = 9`` -> ``(1+2)*3``,
-       ``9 = (1+2)*3`` -> ``(1+2)*3``); with no such side, the left side.
-    4. The longest run of expression characters (digits, ``+ - * / ( )``, spaces) that holds a digit is returned
-       (the last one on ties), so surrounding words such as "The answer is" are dropped.
+    3. The region is cut into runs of expression characters (digits, ``+ - * / ( )``, spaces); ``=``, letters and
+       other punctuation separate runs. The **last run that holds an operator** is the candidate, else the last run
+       holding a digit. So ``(1+2)*3 = 9`` and ``9 = (1+2)*3`` give ``(1+2)*3``, and words such as "The answer is"
+       are dropped.
     """
     region = extract_xml_answer(text)
     if region is None:
@@ -158,16 +158,12 @@ def extract_countdown_expression(text: str) -> str | None:
         if not lines:
             return None
         region = lines[-1]
-    region = normalize_operators(region.replace("\n", " "))
-    sides = region.split("=")
-    if len(sides) > 1:
-        with_operator = [side for side in sides if _OPERATOR_CHARS.intersection(side)]
-        region = with_operator[0] if with_operator else sides[0]
+    region = normalize_operators(region)
     runs = [run.strip() for run in _EXPRESSION_RUN.findall(region) if any(char.isdigit() for char in run)]
     if not runs:
         return None
-    longest = max(len(run) for run in runs)
-    return [run for run in runs if len(run) == longest][-1]
+    with_operator = [run for run in runs if _OPERATOR_CHARS.intersection(run)]
+    return (with_operator or runs)[-1]
 
 
 def judge_countdown(text: str, target, nums: Sequence, partial_credit: float = DEFAULT_PARTIAL_CREDIT) -> float:

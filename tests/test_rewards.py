@@ -1,0 +1,577 @@
+"""Rewards: every extraction rule and scoring branch on hand-written completions, plus property-based robustness."""
+
+from __future__ import annotations
+
+import ast
+import math
+import threading
+from fractions import Fraction
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trl_diffpo.rewards import (
+    REWARD_FALLBACKS,
+    MathVerifier,
+    completion_to_text,
+    countdown_accuracy_reward,
+    countdown_reward,
+    extract_boxed,
+    extract_countdown_expression,
+    extract_math_answer,
+    extract_sudoku_grid,
+    extract_xml_answer,
+    gsm8k_accuracy_reward,
+    is_soft_format,
+    is_strict_format,
+    judge_countdown,
+    make_countdown_reward,
+    make_math_accuracy_reward,
+    math_accuracy_reward,
+    normalize_gold_answer,
+    parse_arithmetic,
+    parse_grid,
+    soft_format_reward,
+    strict_format_reward,
+    sudoku_reward,
+    sudoku_strict_reward,
+    xml_count_reward,
+)
+from trl_diffpo.rewards.countdown import MAX_EXPRESSION_CHARS, MAX_LITERAL_DIGITS, MAX_PAREN_DEPTH
+
+GSM8K_COMPLETION = """<reasoning>
+Each day she makes 12 + 8 = 20 loaves.
+Over 5 days that is 20 * 5 = 100 loaves.
+</reasoning>
+<answer>
+100
+</answer>"""
+
+# a puzzle with a unique solution, its solution, and a valid grid that ignores the givens
+SUDOKU_PUZZLE = "1000020000344302"
+SUDOKU_SOLUTION = "1423324121344312"
+OTHER_VALID_GRID = "1234341221434321"
+# extra columns TRL passes to every reward: they must be accepted and ignored
+TRL_EXTRAS = {"nfe": [12, 30], "threshold": [0.9, 0.5], "trainer_state": object(), "prompt": ["p", "q"]}
+
+
+def grid_text(grid: str) -> str:
+    return "\n".join(grid[row : row + 4] for row in range(0, 16, 4))
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    instance = MathVerifier(timeout_s=2.0)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture(scope="module")
+def math_reward(verifier):
+    return make_math_accuracy_reward(verifier=verifier, name="test_math_reward")
+
+
+# ---------------------------------------------------------------------------------------------------- extraction
+class TestCompletionToText:
+    def test_plain_string(self):
+        assert completion_to_text("hello") == "hello"
+
+    def test_conversation_uses_last_assistant_message(self):
+        conversation = [
+            {"role": "system", "content": "sys"},
+            {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "second"},
+            {"role": "user", "content": "trailing user turn"},
+        ]
+        assert completion_to_text(conversation) == "second"
+
+    def test_conversation_without_assistant_uses_last_message(self):
+        assert completion_to_text([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]) == "b"
+
+    def test_multimodal_content_parts(self):
+        message = {"role": "assistant", "content": [{"type": "text", "text": "x"}, {"type": "image"}, {"text": "y"}]}
+        assert completion_to_text([message]) == "xy"
+
+    @pytest.mark.parametrize("value", [None, 42, [], [1, 2], b"bytes", {"role": "assistant"}])
+    def test_unusable_values_become_empty(self, value):
+        assert completion_to_text(value) == ""
+
+
+class TestXmlAndBoxed:
+    def test_last_answer_block_wins(self):
+        assert extract_xml_answer("<answer>1</answer> text <answer>\n 2 \n</answer>") == "2"
+
+    def test_unclosed_final_answer_runs_to_end(self):
+        assert extract_xml_answer("<answer>1</answer><answer> 7 and more") == "7 and more"
+
+    def test_no_answer_tag(self):
+        assert extract_xml_answer("the answer is 3") is None
+
+    def test_boxed_balanced_braces(self):
+        assert extract_boxed(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+
+    def test_boxed_last_wins_and_fbox(self):
+        assert extract_boxed(r"\boxed{1} then \fbox{2}") == "2"
+
+    def test_unbalanced_last_boxed_falls_back_to_previous(self):
+        assert extract_boxed(r"\boxed{3} and \boxed{4") == "3"
+
+    def test_boxed_is_not_a_backspace_escape(self):
+        text = "\\boxed{5}"  # a real backslash followed by b
+        assert "\b" not in text and extract_boxed(text) == "5"
+        assert extract_boxed("\boxed{5}") is None  # a backspace character is not the command
+
+    def test_math_answer_prefers_boxed_inside_answer(self):
+        assert extract_math_answer(r"\boxed{1} <answer>so \boxed{2}</answer>") == "2"
+
+    def test_math_answer_block_text(self):
+        assert extract_math_answer("<answer> 42 </answer>") == "42"
+
+    def test_math_answer_boxed_anywhere_without_tags(self):
+        assert extract_math_answer(r"We get \boxed{x+1}.") == "x+1"
+
+    def test_math_answer_none(self):
+        assert extract_math_answer("no answer here") is None
+        assert extract_math_answer("<answer>   </answer>") is None
+
+    @pytest.mark.parametrize(
+        ("gold", "expected"),
+        [
+            ("Step 1...\n#### 1,200", "1200"),
+            ("#### 7 ", "7"),
+            (r" \frac{1}{2} ", r"\frac{1}{2}"),
+            (None, None),
+            ("", None),
+        ],
+    )
+    def test_normalize_gold_answer(self, gold, expected):
+        assert normalize_gold_answer(gold) == expected
+
+
+# ---------------------------------------------------------------------------------------------------- math
+class TestMathRewards:
+    def test_gsm8k_multiline_completion_correct(self, math_reward):
+        assert math_reward(None, [GSM8K_COMPLETION], answer=["Work...\n#### 100"]) == [1.0]
+
+    def test_gsm8k_default_reward_with_trl_extras(self):
+        completions = [GSM8K_COMPLETION, GSM8K_COMPLETION.replace("100\n</answer>", "99\n</answer>")]
+        assert gsm8k_accuracy_reward(["p", "q"], completions, None, answer=["100", "100"], **TRL_EXTRAS) == [1.0, 0.0]
+
+    def test_conversational_completion(self, math_reward):
+        completion = [{"role": "assistant", "content": "<reasoning>\n3*6\n</reasoning>\n<answer>\n$18\n</answer>"}]
+        assert math_reward(None, [completion], answer=["#### 18"]) == [1.0]
+
+    def test_comma_separated_number(self, math_reward):
+        assert math_reward(None, ["<answer>1,200</answer>"], answer=["#### 1,200"]) == [1.0]
+
+    @pytest.mark.parametrize(
+        ("prediction", "gold"),
+        [
+            (r"<answer>\dfrac{14}{3}</answer>", r"\frac{14}{3}"),
+            (r"<answer>The result is \boxed{\frac{14}{3}}</answer>", r"\frac{14}{3}"),
+            (r"<answer>(3, \frac{\pi}{2})</answer>", r"\left( 3, \frac{\pi}{2} \right)"),
+            (r"<answer>\text{(B)}</answer>", r"\text{(B)}"),
+            (r"Thus \boxed{0.5}", r"\frac{1}{2}"),
+        ],
+    )
+    def test_math500_equivalences(self, math_reward, prediction, gold):
+        assert math_reward(None, [prediction], answer=[gold]) == [1.0]
+
+    def test_wrong_and_missing_answers_score_zero(self, math_reward):
+        completions = [r"<answer>\frac{13}{3}</answer>", "I think it is 14/3.", ""]
+        assert math_reward(None, completions, answer=[r"\frac{14}{3}"] * 3) == [0.0, 0.0, 0.0]
+
+    def test_rows_without_answer_get_none(self, math_reward):
+        assert math_reward(None, ["<answer>1</answer>"] * 2) == [None, None]
+        assert math_reward(None, ["<answer>1</answer>"] * 2, answer=["1", None]) == [1.0, None]
+
+    def test_names_for_trl_logging(self, math_reward):
+        assert gsm8k_accuracy_reward.__name__ == "gsm8k_accuracy_reward"
+        assert math_accuracy_reward.__name__ == "math_accuracy_reward"
+        assert math_reward.__name__ == "test_math_reward"
+
+
+class TestMathVerifier:
+    def test_power_tower_times_out_and_worker_recovers(self):
+        verifier = MathVerifier(timeout_s=1.0)
+        try:
+            assert verifier.is_equivalent("42", r"9^{9^{9^{9}}}") is False
+            assert verifier.stats["timeouts"] == 1
+            assert verifier.is_equivalent("42", "42") is True  # a fresh worker answers
+            assert verifier.stats["worker_starts"] == 2
+        finally:
+            verifier.close()
+
+    def test_over_long_answer_is_rejected_without_parsing(self, verifier):
+        before = verifier.stats["too_long"]
+        assert verifier.is_equivalent("1", "1" * (verifier.max_answer_chars + 1)) is False
+        assert verifier.stats["too_long"] == before + 1
+
+    def test_empty_inputs(self, verifier):
+        assert verifier.is_equivalent("", "1") is False and verifier.is_equivalent("1", "  ") is False
+
+    def test_worker_killed_from_outside_is_replaced(self, verifier):
+        assert verifier.is_equivalent("2", "2")
+        verifier._proc.kill()
+        verifier._proc.wait()
+        assert verifier.is_equivalent("3", "3")  # the dead worker is noticed and restarted
+
+    def test_usable_from_a_thread(self, verifier):
+        results = []
+        thread = threading.Thread(target=lambda: results.append(verifier.is_equivalent(r"\frac{1}{2}", "0.5")))
+        thread.start()
+        thread.join(timeout=60)
+        assert results == [True]
+
+    def test_in_process_mode_agrees(self, verifier):
+        inline = MathVerifier(use_subprocess=False)
+        pairs = [("42", "42"), (r"\frac{1}{2}", "0.5"), ("3", "4"), (r"\text{(B)}", r"\text{(B)}")]
+        assert [inline.is_equivalent(*pair) for pair in pairs] == [verifier.is_equivalent(*pair) for pair in pairs]
+
+    def test_invalid_timeout(self):
+        with pytest.raises(ValueError, match="timeout_s"):
+            MathVerifier(timeout_s=0)
+
+
+# ---------------------------------------------------------------------------------------------------- countdown
+def reference_value(expression: str) -> Fraction | None:
+    """Slow, obviously-correct reference: Python's own parser for the syntax, Fractions for the arithmetic."""
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return Fraction(node.value)
+        left, right = walk(node.left), walk(node.right)
+        if left is None or right is None:
+            return None
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        if isinstance(node.op, ast.Mult):
+            return left * right
+        return None if right == 0 else left / right
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+@st.composite
+def arithmetic_expressions(draw, depth=3):
+    if depth == 0 or draw(st.booleans()):
+        return str(draw(st.integers(0, 999)))
+    left, right = draw(arithmetic_expressions(depth - 1)), draw(arithmetic_expressions(depth - 1))
+    operator = draw(st.sampled_from("+-*/"))
+    space = draw(st.sampled_from(["", " ", "  "]))
+    if draw(st.booleans()):
+        left = f"({left})"
+    if draw(st.booleans()):
+        right = f"({right})"
+    return f"{left}{space}{operator}{space}{right}"
+
+
+class TestCountdownParser:
+    @settings(max_examples=100, deadline=None)
+    @given(arithmetic_expressions())
+    def test_matches_reference_evaluation(self, expression):
+        parsed = parse_arithmetic(expression)
+        assert parsed is not None
+        assert parsed.value == reference_value(expression)
+        assert list(parsed.numbers) == [
+            int(token)
+            for token in expression.replace("(", " ")
+            .replace(")", " ")
+            .replace("+", " ")
+            .replace("-", " ")
+            .replace("*", " ")
+            .replace("/", " ")
+            .split()
+        ]
+
+    @pytest.mark.parametrize(
+        ("expression", "value"),
+        [
+            ("2+3*4", 14),
+            ("8-3-2", 3),
+            ("8/4/2", 1),
+            ("(7/3)*9", 21),
+            ("  ( 1 + 2 ) * 3 ", 9),
+            ("10/4", Fraction(5, 2)),
+        ],
+    )
+    def test_precedence_associativity_and_exact_division(self, expression, value):
+        assert parse_arithmetic(expression).value == value
+
+    def test_division_by_zero_is_well_formed_but_undefined(self):
+        parsed = parse_arithmetic("5/(3-3)+1")
+        assert parsed is not None and parsed.value is None and parsed.numbers == (5, 3, 3, 1)
+
+    @pytest.mark.parametrize(
+        "expression",
+        [
+            "",
+            "2+",
+            "(2+3",
+            "2+3)",
+            "2 3",
+            "-3+5",
+            "2**3",
+            "2^3",
+            "1.5+2",
+            "__import__('os').system('echo hi')",
+            "1" * (MAX_LITERAL_DIGITS + 1),
+            "(" * (MAX_PAREN_DEPTH + 1) + "1" + ")" * (MAX_PAREN_DEPTH + 1),
+            "+".join(["1"] * MAX_EXPRESSION_CHARS),
+        ],
+    )
+    def test_malformed_or_out_of_bounds(self, expression):
+        assert parse_arithmetic(expression) is None
+
+    def test_depth_limit_is_inclusive(self):
+        expression = "(" * MAX_PAREN_DEPTH + "1" + ")" * MAX_PAREN_DEPTH
+        assert parse_arithmetic(expression).value == 1
+
+
+class TestCountdownReward:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("<answer>(1+2)*3 = 9</answer>", "(1+2)*3"),
+            ("<answer>9 = 3 * (1 + 2)</answer>", "3 * (1 + 2)"),
+            ("<answer>\n$3 \\times (1 + 2)$\n</answer>", "3 * (1 + 2)"),
+            ("<answer>12 ÷ 4 × 3</answer>", "12 / 4 * 3"),
+            ("Let me think.\nThe equation is 44 + 19 + 35.", "44 + 19 + 35"),
+            ("<reasoning>try 1+2</reasoning>\nSo 7 - 3 = 4, answer: (7-3)*5 = 20", "(7-3)*5"),
+            ("<answer>9 = 9</answer>", "9"),
+            ("no numbers at all", None),
+            ("", None),
+        ],
+    )
+    def test_expression_extraction_rules(self, text, expected):
+        assert extract_countdown_expression(text) == expected
+
+    def test_real_looking_completion(self):
+        completion = """<reasoning>
+We need 98 from 44, 19 and 35.
+44 + 35 = 79, and 79 + 19 = 98.
+</reasoning>
+<answer>
+44 + 35 + 19 = 98
+</answer>"""
+        assert countdown_reward(None, [completion], target=[98], nums=[[44, 19, 35]], **TRL_EXTRAS) == [1.0]
+
+    @pytest.mark.parametrize(
+        ("answer", "expected"),
+        [
+            ("(7/3)*9", 1.0),  # exact rational arithmetic
+            ("7*3", 0.1),  # misses a number
+            ("7*3*9/9", 0.1),  # uses 9 twice
+            ("7+3+9", 0.1),  # right numbers, wrong value
+            ("7*3*(9-9)/0", 0.1),  # division by zero: well formed, never correct
+            ("seven times three", 0.0),  # no expression
+            ("(7/3", 0.0),  # malformed
+        ],
+    )
+    def test_scoring_branches(self, answer, expected):
+        assert judge_countdown(f"<answer>{answer}</answer>", 21, [7, 3, 9]) == expected
+
+    def test_configurable_partial_credit_and_accuracy_variant(self):
+        generous = make_countdown_reward(partial_credit=0.25, name="generous")
+        completions = ["<answer>7*3*9</answer>", "<answer>(7/3)*9</answer>"]
+        assert generous(None, completions, target=[21, 21], nums=[[7, 3, 9]] * 2) == [0.25, 1.0]
+        assert countdown_accuracy_reward(None, completions, target=[21, 21], nums=[[7, 3, 9]] * 2) == [0.0, 1.0]
+        assert generous.__name__ == "generous"
+
+    def test_invalid_partial_credit(self):
+        with pytest.raises(ValueError, match="partial_credit"):
+            make_countdown_reward(partial_credit=1.5)
+
+    def test_rows_without_columns_get_none(self):
+        assert countdown_reward(None, ["<answer>1+2</answer>"], target=[3]) == [None]
+        assert countdown_reward(None, ["<answer>1+2</answer>"] * 2, target=[3, None], nums=[[1, 2], [1, 2]]) == [
+            1.0,
+            None,
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------- sudoku
+class TestSudoku:
+    def test_parse_grid_forms(self):
+        expected = tuple(int(char) for char in SUDOKU_PUZZLE)
+        assert parse_grid(SUDOKU_PUZZLE) == expected
+        assert parse_grid(SUDOKU_PUZZLE.replace("0", ".")) == expected
+        assert parse_grid(grid_text(SUDOKU_PUZZLE)) == expected
+        assert parse_grid([list(expected[row : row + 4]) for row in range(0, 16, 4)]) == expected
+        assert parse_grid(list(expected)) == expected
+
+    @pytest.mark.parametrize("value", ["123", "1" * 17, "5" * 16, None, 7, [[1, 2], "x"], [1] * 15])
+    def test_parse_grid_rejects(self, value):
+        assert parse_grid(value) is None
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            f"<answer>\n{grid_text(SUDOKU_SOLUTION)}\n</answer>",
+            "<answer>\n"
+            + "\n".join(f"Row {i + 1}: {' '.join(grid_text(SUDOKU_SOLUTION).split()[i])}" for i in range(4))
+            + "\n</answer>",
+            f"<reasoning>Row 1 has 1 and 4, so...</reasoning>\nFinal grid:\n{grid_text(SUDOKU_SOLUTION)}",
+            f"<answer>{' | '.join(SUDOKU_SOLUTION)}</answer>",
+        ],
+    )
+    def test_grid_extraction(self, text):
+        assert extract_sudoku_grid(text) == parse_grid(SUDOKU_SOLUTION)
+
+    def test_too_few_digits(self):
+        assert extract_sudoku_grid("<answer>1423\n3241</answer>") is None
+
+    def test_cell_fraction_reward(self):
+        blanks = [i for i, cell in enumerate(SUDOKU_PUZZLE) if cell == "0"]
+        half_wrong = list(SUDOKU_SOLUTION)
+        for index in blanks[: len(blanks) // 2]:
+            half_wrong[index] = "9" if half_wrong[index] != "9" else "1"
+        changed_given = list(SUDOKU_SOLUTION)
+        changed_given[0] = "4"  # cell 0 is a given: the cell reward only looks at blanks
+        completions = [
+            f"<answer>{grid_text(SUDOKU_SOLUTION)}</answer>",
+            f"<answer>{grid_text(''.join(half_wrong))}</answer>",
+            f"<answer>{grid_text(''.join(changed_given))}</answer>",
+            "<answer>no grid</answer>",
+        ]
+        rewards = sudoku_reward(None, completions, puzzle=[SUDOKU_PUZZLE] * 4, solution=[SUDOKU_SOLUTION] * 4)
+        expected_half = (len(blanks) - len(blanks) // 2) / len(blanks)
+        assert rewards == [1.0, pytest.approx(expected_half), 1.0, 0.0]
+
+    def test_cell_reward_solves_when_solution_column_absent(self):
+        completion = f"<answer>{grid_text(SUDOKU_SOLUTION)}</answer>"
+        assert sudoku_reward(None, [completion], puzzle=[SUDOKU_PUZZLE], **TRL_EXTRAS) == [1.0]
+        assert sudoku_reward(None, [completion], puzzle=[SUDOKU_PUZZLE], solution=[None]) == [1.0]
+
+    def test_strict_reward(self):
+        incomplete = SUDOKU_SOLUTION[:-1] + "0"
+        invalid = "1423324121344321"  # last row repeats the column of row 1
+        completions = [
+            f"<answer>{grid_text(SUDOKU_SOLUTION)}</answer>",
+            f"<answer>{grid_text(OTHER_VALID_GRID)}</answer>",  # valid grid, but breaks the givens
+            f"<answer>{grid_text(incomplete)}</answer>",
+            f"<answer>{grid_text(invalid)}</answer>",
+            "",
+        ]
+        rewards = sudoku_strict_reward(None, completions, puzzle=[SUDOKU_PUZZLE] * 5)
+        assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+    def test_rows_without_puzzle_get_none_and_bad_puzzle_scores_zero(self):
+        assert sudoku_reward(None, ["x"], solution=[SUDOKU_SOLUTION]) == [None]
+        before = REWARD_FALLBACKS["sudoku_strict_reward"]
+        assert sudoku_strict_reward(None, ["x"], puzzle=["not a puzzle"]) == [0.0]
+        assert REWARD_FALLBACKS["sudoku_strict_reward"] == before + 1
+
+
+# ---------------------------------------------------------------------------------------------------- format
+class TestFormatRewards:
+    WELL_FORMED = "<reasoning>\nline one\nline two\n</reasoning>\n<answer>\n42\n</answer>\n"
+
+    @pytest.mark.parametrize(
+        ("text", "strict", "soft"),
+        [
+            (WELL_FORMED, True, True),
+            ("  <reasoning>a</reasoning><answer>b</answer>  ", True, True),
+            ("Sure! " + WELL_FORMED, False, True),
+            (WELL_FORMED + "extra words", False, True),
+            ("<reasoning>a</reasoning> so <answer>b</answer>", False, True),
+            ("<reasoning>a <answer>x</answer></reasoning><answer>b</answer>", False, True),
+            ("<reasoning>a</reasoning>\n<reasoning>b</reasoning><answer>c</answer>", False, True),
+            ("<answer>b</answer><reasoning>a</reasoning>", False, False),
+            ("<reasoning>a</reasoning>", False, False),
+            ("<reasoning>a</reasoning><answer>b", False, False),
+            ("", False, False),
+        ],
+    )
+    def test_strict_and_soft(self, text, strict, soft):
+        assert is_strict_format(text) is strict
+        assert is_soft_format(text) is soft
+        assert strict_format_reward(None, [text], **TRL_EXTRAS) == [float(strict)]
+        assert soft_format_reward(None, [[{"role": "assistant", "content": text}]]) == [float(soft)]
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (WELL_FORMED.rstrip("\n"), 1.0),
+            (WELL_FORMED.rstrip("\n") + "0123456789", 0.99),
+            (WELL_FORMED + "x" * 1000, 0.75),  # the trailing-text penalty is capped
+            ("<reasoning>a</reasoning><reasoning>b</reasoning><answer>c</answer>", 0.5),
+            ("<answer>only</answer>", 0.5),
+            ("nothing", 0.0),
+        ],
+    )
+    def test_xml_count(self, text, expected):
+        assert xml_count_reward(None, [text]) == [pytest.approx(expected)]
+
+
+# ---------------------------------------------------------------------------------------------------- robustness
+# answers that make sympy run for ever: each costs one verifier timeout, so they are not re-drawn by hypothesis
+HANGING_MATH = ["<answer>9**9**9</answer>", r"<answer>\boxed{9^{9^{9^{9}}}}</answer>"]
+ADVERSARIAL = [
+    "",
+    " ",
+    "9**9**9",
+    "<answer>" + "9" * 5000 + "</answer>",
+    "1" * 10000,
+    "(" * 5000 + "1" + ")" * 5000,
+    r"\boxed{" * 3000,
+    "<answer>__import__('os').system('rm -rf /')</answer>",
+    "<answer>" * 2000,
+    "</answer><answer>" * 1000,
+    "<reasoning></reasoning>" * 500,
+    "\x00\x08\u202e\ud7ff😀 ＜answer＞１２３＜/answer＞",
+    "<answer>" + "1/" * 2000 + "1</answer>",
+    "<answer>1e999999</answer>",
+    "<answer>\\frac{1}{0}</answer>",
+    "nan inf -inf None",
+]
+completion_strategy = st.one_of(
+    st.text(max_size=300),
+    st.sampled_from(ADVERSARIAL),
+    st.builds(
+        lambda a, b: f"<reasoning>{a}</reasoning><answer>{b}</answer>", st.text(max_size=60), st.text(max_size=60)
+    ),
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["assistant", "user"]), "content": st.text(max_size=80)}),
+        max_size=3,
+    ),
+    st.none(),
+)
+
+
+def assert_valid_rewards(rewards, count):
+    assert len(rewards) == count
+    for value in rewards:
+        assert value is None or (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0)
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL + HANGING_MATH)
+def test_adversarial_inputs_every_reward(completion, math_reward):
+    for reward, columns in _rewards_and_columns(math_reward):
+        assert_valid_rewards(reward(None, [completion], None, **columns, **TRL_EXTRAS), 1)
+
+
+def _rewards_and_columns(math_reward):
+    return [
+        (math_reward, {"answer": ["#### 42"]}),
+        (countdown_reward, {"target": [9], "nums": [[1, 2, 3]]}),
+        (countdown_accuracy_reward, {"target": [9], "nums": [[1, 2, 3]]}),
+        (sudoku_reward, {"puzzle": [SUDOKU_PUZZLE], "solution": [SUDOKU_SOLUTION]}),
+        (sudoku_strict_reward, {"puzzle": [SUDOKU_PUZZLE]}),
+        (strict_format_reward, {}),
+        (soft_format_reward, {}),
+        (xml_count_reward, {}),
+    ]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(completions=st.lists(completion_strategy, min_size=1, max_size=3))
+def test_arbitrary_inputs_every_reward(completions, math_reward):
+    count = len(completions)
+    for reward, columns in _rewards_and_columns(math_reward):
+        batch_columns = {name: values * count for name, values in columns.items()}
+        assert_valid_rewards(reward(None, completions, None, **batch_columns), count)
