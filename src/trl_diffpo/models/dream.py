@@ -249,6 +249,7 @@ class DreamBaseModel(DreamPreTrainedModel):
                 ``0..seq_len-1``.
             output_hidden_states: also return the input of every layer and the final-norm output.
             use_cache: accepted for API compatibility; there is no KV cache and ``True`` is an error.
+            return_dict: ``False`` returns a tuple instead of the output object.
         """
         if use_cache:
             raise ValueError("Dream is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
@@ -273,10 +274,11 @@ class DreamBaseModel(DreamPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        return BaseModelOutput(
+        output = BaseModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class DreamModel(DreamPreTrainedModel):

@@ -312,6 +312,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
                 (so left padding does not move positions), else ``0..seq_len-1`` as in the original code.
             output_hidden_states: also return the input of every block and the final-norm output.
             use_cache: accepted for API compatibility; LLaDA has no KV cache and ``True`` is an error.
+            return_dict: ``False`` returns a tuple instead of the output object.
         """
         if use_cache:
             raise ValueError("LLaDA is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
@@ -342,10 +343,11 @@ class LLaDAModel(LLaDAPreTrainedModel):
         hidden_states = self.transformer.ln_f(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        return BaseModelOutput(
+        output = BaseModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 class LLaDAModelLM(LLaDAPreTrainedModel):
