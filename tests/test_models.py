@@ -455,7 +455,11 @@ def test_dream_matches_reference_forward(dream_folder, attn_implementation):
     torch.testing.assert_close(logits.double(), expected, rtol=1e-4, atol=ATOL)
 
 
-def test_padded_batches_match_reference_with_key_mask(llada_folder, dream_folder):
+@pytest.mark.parametrize(
+    "attn_implementation",
+    ["eager", "sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)],  # flex compiles: ~15 s on CPU
+)
+def test_padded_batches_match_reference_with_key_mask(llada_folder, dream_folder, attn_implementation):
     ids = random_ids()
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -464,7 +468,7 @@ def test_padded_batches_match_reference_with_key_mask(llada_folder, dream_folder
         (llada_folder, ref_llada_logits, OFFICIAL_LLADA_CONFIG),
         (dream_folder, ref_dream_logits, OFFICIAL_DREAM_CONFIG),
     ):
-        model = AutoModel.from_pretrained(folder).eval()
+        model = AutoModel.from_pretrained(folder, attn_implementation=attn_implementation).eval()
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits
         expected = reference(tensors, cfg, ids, key_mask=mask)
