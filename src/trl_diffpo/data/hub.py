@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Value, load_dataset
 
 from ..rewards.extraction import normalize_gold_answer
-from ..rewards.sudoku import grid_to_string, parse_grid
+from ..rewards.sudoku import CELLS, Grid, grid_to_string, parse_grid
 from .prompts import SYSTEM_PROMPT, build_prompt, countdown_question, math_question, sudoku_question
 
 GSM8K_PATH, GSM8K_CONFIG = "openai/gsm8k", "main"
@@ -86,7 +86,9 @@ def load_gsm8k(
             "solution": row["answer"],
         }
 
-    return raw.map(convert, remove_columns=raw.column_names)
+    return raw.map(convert, remove_columns=raw.column_names).select_columns(
+        ["prompt", "question", "answer", "solution"]
+    )
 
 
 def load_math500(
@@ -165,7 +167,7 @@ def load_countdown(
             "nums": nums,
         }
 
-    return raw.map(convert, remove_columns=raw.column_names)
+    return raw.map(convert, remove_columns=raw.column_names).select_columns(["prompt", "target", "nums"])
 
 
 def load_sudoku_file(
@@ -183,9 +185,23 @@ def load_sudoku_file(
     renames = {column: column.lower() for column in raw.column_names if column.lower() in ("puzzle", "solution")}
     raw = raw.rename_columns({old: new for old, new in renames.items() if old != new})
     _require_columns(raw, ("puzzle", "solution"), f"Sudoku ({data_files})")
+    # a CSV reader turns "0000403030000200" into the integer 403030000200: read such columns back with their zeros
+    integer_columns = {
+        column
+        for column in ("puzzle", "solution")
+        if str(getattr(raw.features[column], "dtype", "")).startswith("int")
+    }
+    for column in integer_columns:
+        raw = raw.cast_column(column, Value("string"))
+    # new names for the outputs, so that datasets does not cast them back to the input columns' types
+    raw = raw.rename_columns({"puzzle": "raw_puzzle", "solution": "raw_solution"})
+
+    def cells(row: dict, column: str) -> Grid | None:
+        value = row[f"raw_{column}"]
+        return parse_grid(value.zfill(CELLS) if column in integer_columns else value)
 
     def convert(row: dict) -> dict:
-        puzzle, solution = parse_grid(row["puzzle"]), parse_grid(row["solution"])
+        puzzle, solution = cells(row, "puzzle"), cells(row, "solution")
         if puzzle is None or solution is None:
             raise ValueError(f"Unreadable 4x4 sudoku row {row!r}: expected 16 cells with 0 for blanks.")
         question = sudoku_question(grid_to_string(puzzle))
@@ -195,4 +211,4 @@ def load_sudoku_file(
             "solution": grid_to_string(solution),
         }
 
-    return raw.map(convert, remove_columns=raw.column_names)
+    return raw.map(convert, remove_columns=raw.column_names).select_columns(["prompt", "puzzle", "solution"])
