@@ -179,14 +179,15 @@ def test_sampler_advantages_reject_bad_shapes():
 
 
 def test_head_loss_is_the_reinforce_objective_and_reports_metrics():
-    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5)
+    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5, head_loss_weight=0.3)
     head = callback.init_head(HIDDEN)
     prompt_hidden = torch.randn(6, HIDDEN)
     threshold = callback.threshold_fn(prompt_hidden)
     advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
     loss, metrics = callback.head_loss(prompt_hidden, threshold, advantages)
     expected = -(advantages * head.log_prob(prompt_hidden, threshold)).mean()
-    assert torch.allclose(loss, expected)
+    assert torch.allclose(loss, 0.3 * expected)
+    assert metrics["loss"] == pytest.approx(expected.item())  # logged unweighted
     assert metrics["threshold_mean"] == pytest.approx(threshold.mean().item())
     assert metrics["threshold_max"] == pytest.approx(threshold.max().item())
     assert metrics["predicted_threshold_mean"] == pytest.approx(0.1, abs=1e-5)
@@ -195,7 +196,7 @@ def test_head_loss_is_the_reinforce_objective_and_reports_metrics():
     loss.backward()
     u = head.u_from_threshold(threshold)
     mu = head(prompt_hidden).detach()
-    expected_grad = -(advantages * (u - mu) / 0.25).mean()
+    expected_grad = -0.3 * (advantages * (u - mu) / 0.25).mean()
     assert head.mlp[-1].bias.grad.item() == pytest.approx(expected_grad.item(), rel=1e-4)
 
 
@@ -427,7 +428,8 @@ class HeadTrainingArguments(TrainingArguments):
 
 
 class HeadTrainer(Trainer):
-    """Stands in for DiffpoTrainer: calls setup / threshold_fn / sampler_advantages / head_loss / save_head."""
+    """Stands in for DiffpoTrainer: calls setup / threshold_fn / sampler_advantages / head_loss. It does not call
+    save_head in save_model, so the head files in checkpoint-N/ come from the callback's on_save."""
 
     def __init__(self, *args, sampler_head_callback=None, **kwargs):
         super().__init__(*args, callbacks=[sampler_head_callback], **kwargs)
@@ -445,10 +447,6 @@ class HeadTrainer(Trainer):
         advantages = callback.sampler_advantages(rewards, nfe, TRAINER_GEN_LENGTH, TRAINER_GROUP)
         head_loss, _ = callback.head_loss(prompt_hidden, threshold, advantages)
         return policy_loss + head_loss
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        super().save_model(output_dir, _internal_call)
-        self.sampler_head_callback.save_head(output_dir or self.args.output_dir)
 
 
 class ResumeProbe(TrainerCallback):
@@ -519,3 +517,65 @@ def test_resume_restores_head_weights_and_optimizer_state(char_tokenizer, tmp_pa
         assert probe.optimizer_state["state"][index]["exp_avg"].abs().sum() > 0
     for name, value in resumed_callback.head.state_dict().items():  # and training continued identically
         assert torch.equal(value, uninterrupted[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Callback events, metrics, evaluation mode, warm start
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sigma_anneals_on_step_begin(char_tokenizer):
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1)
+    callback = SamplerHeadCallback(sigma=1.0, sigma_final=0.2, sigma_schedule="linear")
+    callback.setup(fake_trainer(model))
+    callback.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
+    assert callback.head.exploration_sigma == 1.0
+    callback.on_step_begin(None, SimpleNamespace(global_step=5, max_steps=10), None)
+    assert callback.head.exploration_sigma == pytest.approx(0.6)
+    prompt_hidden = torch.randn(3, 32)
+    threshold = callback.threshold_fn(prompt_hidden)
+    _, metrics = callback.head_loss(prompt_hidden, threshold, torch.zeros(3))
+    assert metrics["sigma"] == pytest.approx(0.6)
+
+
+def test_correlation_metrics_reach_the_trainer_metric_store(char_tokenizer):
+    from collections import defaultdict
+
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1).train()
+    trainer = fake_trainer(model)
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    callback = SamplerHeadCallback(sigma=1.0, nfe_penalty=0.5)
+    callback.setup(trainer)
+    threshold = torch.cat([callback.threshold_fn(torch.randn(4, 32)), callback.threshold_fn(torch.randn(4, 32))])
+    rewards = 3 * threshold + 1  # perfectly correlated with the drawn thresholds
+    nfe = 100 - 10 * threshold  # perfectly anti-correlated
+    callback.sampler_advantages(rewards, nfe, gen_length=32, num_generations=4)
+    store = trainer._metrics["train"]
+    assert store["sampler_head/corr_threshold_reward"] == [pytest.approx(1.0)]
+    assert store["sampler_head/corr_threshold_nfe"] == [pytest.approx(-1.0)]
+    assert store["sampler_head/sampler_reward"] == [pytest.approx((rewards - 0.5 * nfe / 32).mean().item())]
+    callback.sampler_advantages(rewards, nfe, gen_length=32, num_generations=4)  # no fresh draws: no correlation
+    assert len(store["sampler_head/corr_threshold_reward"]) == 1
+
+
+def test_threshold_fn_is_deterministic_in_eval_mode(char_tokenizer):
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1).eval()
+    callback = SamplerHeadCallback(sigma=2.0)
+    callback.setup(fake_trainer(model))
+    prompt_hidden = torch.randn(5, 32)
+    assert torch.equal(callback.threshold_fn(prompt_hidden), callback.head.predict_threshold(prompt_hidden))
+    model.train()
+    assert not torch.equal(callback.threshold_fn(prompt_hidden), callback.head.predict_threshold(prompt_hidden))
+
+
+def test_pretrained_head_warm_start_and_mismatch(char_tokenizer, tmp_path):
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1)
+    trained = make_head(input_size=32, mlp_hidden_size=256)
+    torch.nn.init.normal_(trained.mlp[-1].weight)
+    save_sampler_head(trained, tmp_path)
+    callback = SamplerHeadCallback(mode="sampler_only", pretrained_head=tmp_path, sigma=0.1)
+    callback.setup(fake_trainer(model))
+    assert torch.equal(callback.head.mlp[-1].weight, trained.mlp[-1].weight)
+    assert callback.head.exploration_sigma == 0.1
+    with pytest.raises(ValueError, match="does not match"):
+        SamplerHeadCallback(pretrained_head=tmp_path, threshold_max=3.0).setup(fake_trainer(model))

@@ -570,6 +570,12 @@ class SamplerHeadCallback(TrainerCallback):
         head_learning_rate: learning rate of the head's own optimizer parameter group (no weight decay; it follows
             the run's LR schedule). The dLLM's learning rate (e.g. 3e-6 for LoRA on LLaDA) would barely move the head.
             ``None`` leaves the head in the trainer's groups at the run's learning rate.
+        head_loss_weight: factor on the head's loss before the trainer adds it to the policy loss. The run's
+            gradient-norm clipping (``max_grad_norm``) acts on the dLLM and the head together, and the head's raw
+            REINFORCE gradient (which scales like ``1 / sigma``) can be larger than the dLLM's: at weight 1 it would
+            silently shrink the dLLM's updates. Adam-type optimizers are invariant to this factor for the head's own
+            step (``head_learning_rate`` sets that), so the default 0.01 only keeps the head out of the clipping.
+            The logged ``loss`` metric is the unweighted loss.
         pretrained_head: a folder or Hub id of a saved head to start from (e.g. ``sampler_only`` after ``joint``).
         seed: seed of the exploration noise (default: the trainer's ``args.seed``). The noise of each threshold draw is
             derived from ``(seed, process index, global step, draw index)``: a resumed run draws what the
@@ -587,6 +593,7 @@ class SamplerHeadCallback(TrainerCallback):
         *,
         scale_advantages: bool = True,
         head_learning_rate: float | None = 1e-3,
+        head_loss_weight: float = 0.01,
         pretrained_head: str | os.PathLike | None = None,
         seed: int | None = None,
         **head_kwargs,
@@ -600,6 +607,8 @@ class SamplerHeadCallback(TrainerCallback):
             raise ValueError(f"nfe_penalty must be a finite number >= 0, got {nfe_penalty}.")
         if head_learning_rate is not None and not (math.isfinite(head_learning_rate) and head_learning_rate > 0):
             raise ValueError(f"head_learning_rate must be a number > 0 or None, got {head_learning_rate}.")
+        if not (math.isfinite(head_loss_weight) and head_loss_weight > 0):
+            raise ValueError(f"head_loss_weight must be a finite number > 0, got {head_loss_weight}.")
         if isinstance(head_config, SamplerHeadConfig):
             head_config = head_config.to_dict()
         overrides = dict(head_config or {})
@@ -611,6 +620,7 @@ class SamplerHeadCallback(TrainerCallback):
         self.nfe_penalty = float(nfe_penalty)
         self.scale_advantages = bool(scale_advantages)
         self.head_learning_rate = head_learning_rate
+        self.head_loss_weight = float(head_loss_weight)
         self.pretrained_head = pretrained_head
         self.seed = seed
         self.head_overrides = overrides
@@ -901,7 +911,7 @@ class SamplerHeadCallback(TrainerCallback):
     def head_loss(
         self, prompt_hidden: torch.Tensor, threshold: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """REINFORCE loss ``-mean(A_i * log N(u_i; mu(c_i), sigma^2))`` of the rows of a (micro-)batch.
+        """REINFORCE loss ``-head_loss_weight * mean(A_i * log N(u_i; mu(c_i), sigma^2))`` of a (micro-)batch's rows.
 
         Args:
             prompt_hidden: ``(b, hidden)`` pooled prompt hidden states the rows were decoded with (detached here).
@@ -924,11 +934,11 @@ class SamplerHeadCallback(TrainerCallback):
             loss = sum(parameter.sum() for parameter in head.parameters()) * 0.0
             return loss.float(), {"loss": 0.0, "sigma": head.exploration_sigma}
         log_prob = head.log_prob(prompt_hidden, threshold)
-        loss = -(advantages.to(log_prob.device) * log_prob).mean()
+        unweighted_loss = -(advantages.to(log_prob.device) * log_prob).mean()
         with torch.no_grad():
             predicted = head.predict_threshold(prompt_hidden)
         metrics = {
-            "loss": float(loss.detach()),
+            "loss": float(unweighted_loss.detach()),
             "threshold_mean": float(threshold.mean()),
             "threshold_std": float(threshold.std()) if threshold.numel() > 1 else 0.0,
             "threshold_min": float(threshold.min()),
@@ -936,7 +946,7 @@ class SamplerHeadCallback(TrainerCallback):
             "predicted_threshold_mean": float(predicted.mean()),
             "sigma": head.exploration_sigma,
         }
-        return loss, metrics
+        return self.head_loss_weight * unweighted_loss, metrics
 
     # -- persistence and callback events -----------------------------------------------------------------------------
 
