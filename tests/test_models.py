@@ -801,3 +801,18 @@ def test_trl_create_model_from_path_builds_native_classes(tmp_path, build, llada
     assert type(create_model_from_path(str(tmp_path))) is type(model)
     official = llada_folder[0] if isinstance(model, LLaDAModelLM) else dream_folder[0]
     assert type(create_model_from_path(str(official))) is type(model)
+
+
+@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
+def test_labels_are_refused_rather_than_silently_ignored(build):
+    ids = random_ids()
+    with pytest.raises(ValueError, match="no built-in loss"):
+        build()(ids, labels=ids)
+
+
+def test_dream_explicit_head_dim_other_than_hidden_over_heads():
+    model = tiny_dream(head_dim=4)  # 4 heads of width 4 over a 32-wide residual stream
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (16, 32)
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (32, 16)
+    assert model(random_ids()).logits.shape == (2, SEQ_LEN, VOCAB)
+    assert tiny_dream().config.head_dim == 8

@@ -29,6 +29,7 @@ from .layers import (
     attention_function,
     bidirectional_attention_mask,
     default_position_ids,
+    refuse_labels,
     rotary_cos_sin,
     special_token_generation_config,
 )
@@ -79,14 +80,14 @@ class DreamConfig(PreTrainedConfig):
     # present (empty by default): TRL's `create_model_from_path` reads `config.auto_map` for non-transformers classes.
     auto_map: dict = field(default_factory=dict)
 
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (the released checkpoints)
+
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 def check_dream_config_supported(config: DreamConfig) -> None:
@@ -98,16 +99,16 @@ def check_dream_config_supported(config: DreamConfig) -> None:
         problems.append("use_sliding_window=True")
     if config.hidden_act not in ACT2FN:
         problems.append(f"hidden_act={config.hidden_act!r}")
-    if config.hidden_size % config.num_attention_heads or config.num_attention_heads % config.num_key_value_heads:
+    if config.num_attention_heads % config.num_key_value_heads:
         problems.append(
-            f"hidden_size={config.hidden_size}, num_attention_heads={config.num_attention_heads}, "
-            f"num_key_value_heads={config.num_key_value_heads} (heads must divide evenly)"
+            f"num_attention_heads={config.num_attention_heads}, num_key_value_heads={config.num_key_value_heads} "
+            "(query heads must divide evenly among the key/value heads)"
         )
     if problems:
         raise ValueError(
             "This Dream config is not supported by trl_diffpo's native implementation: "
             + "; ".join(problems)
-            + ". Load it with the checkpoint's own code instead (see docs/models.md, 'remote code')."
+            + ". Load it with the checkpoint's own code instead (docs/models.md, 'Using the Hub code instead')."
         )
 
 
@@ -322,9 +323,11 @@ class DreamModel(DreamPreTrainedModel):
         output_hidden_states: bool | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         """Shifted logits ``(batch, seq_len, vocab_size)``; see :meth:`DreamBaseModel.forward` for the arguments."""
+        refuse_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -153,3 +153,12 @@ def special_token_generation_config(config) -> GenerationConfig:
     return GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
+
+
+def refuse_labels(labels) -> None:
+    """The LM classes have no built-in loss: a masked diffusion loss depends on which positions were masked."""
+    if labels is not None:
+        raise ValueError(
+            "`labels` is not supported: masked diffusion models have no built-in loss (it depends on the masking and "
+            "its weighting). Compute the loss from `outputs.logits`, e.g. through trl_diffpo's trainers."
+        )

@@ -30,6 +30,7 @@ from .layers import (
     attention_function,
     bidirectional_attention_mask,
     default_position_ids,
+    refuse_labels,
     rotary_cos_sin,
     special_token_generation_config,
 )
@@ -168,7 +169,7 @@ def check_llada_config_supported(config: LLaDAConfig) -> None:
         raise ValueError(
             "This LLaDA config is not supported by trl_diffpo's native implementation: "
             + "; ".join(problems)
-            + ". Load it with the checkpoint's own code instead (see docs/models.md, 'remote code')."
+            + ". Load it with the checkpoint's own code instead (docs/models.md, 'Using the Hub code instead')."
         )
 
 
@@ -390,9 +391,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         output_hidden_states: bool | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         """Logits ``(batch, seq_len, embedding_size)``; see :meth:`LLaDAModel.forward` for the arguments."""
+        refuse_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
