@@ -1,5 +1,7 @@
 """The K-stage surrogate likelihood: draws, a slow reference implementation, and exactness at K >= T."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from trl_diffpo.likelihood import (
     MEAN_FIELD,
     TWO_STAGE,
     draw_surrogate_randomness,
+    importance_weights,
     stages_for,
     surrogate_log_probs,
     token_stages,
@@ -233,3 +236,19 @@ def test_gradient_reaches_the_model(tokenizer):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_importance_weights():
+    surrogate = torch.tensor([[-1.0, -2.0, -0.1, -5.0], [-1.0, -1.0, -1.0, -1.0]], requires_grad=True)
+    behaviour = torch.tensor([[-2.0, -1.0, -0.1, -0.0], [-1.0, -3.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    token = importance_weights(surrogate, behaviour, mask, "token", clamp=2.0)
+    expected = torch.tensor([[2.0, math.exp(-1.0), 1.0, 1.0], [1.0, 2.0, 1.0, 1.0]])
+    torch.testing.assert_close(token, expected)
+    assert not token.requires_grad
+    sequence = importance_weights(surrogate, behaviour, mask, "sequence", clamp=2.0)
+    # row 0: mean log-ratio (1 - 1 + 0) / 3 = 0; row 1: (0 + 2) / 2 = 1 -> exp(1) = 2.72 clamped to 2
+    torch.testing.assert_close(sequence, torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 1.0, 1.0]]))
+    assert torch.equal(importance_weights(surrogate, behaviour, mask, "none"), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="is_correction"):
+        importance_weights(surrogate, behaviour, mask, "trajectory")

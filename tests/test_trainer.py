@@ -171,6 +171,7 @@ def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer
     mask = inputs["completion_mask"].float()
     assert torch.equal(seen["current"] * mask, old * mask), "the policy ratio must be exactly 1 at the first step"
     assert inputs["advantages"].abs().sum() > 0
+    assert not trainer.use_vllm and "importance_sampling_ratio" not in inputs, "TRL's vLLM IS must stay off"
 
     # Hand computation of the GRPO loss with the folded IS weight and the KL term, on the initial model.
     logps, _ = surrogate_log_probs(
@@ -449,3 +450,61 @@ def test_refuses_a_causal_model(tokenizer, tmp_path):
     model.config.is_causal = True
     with pytest.raises(ValueError, match="attends causally"):
         make_trainer(tokenizer, tmp_path, model=model)
+
+
+# ------------------------------------------------------------------------------- eval, loading by path, padding
+
+
+def test_evaluation_uses_one_draw_and_logs_diffusion_metrics(tokenizer, tmp_path):
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1)
+    trainer = DiffpoTrainer(
+        model=model,
+        reward_funcs=text_reward,
+        args=tiny_args(
+            tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4, beta=0.04
+        ),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+        processing_class=tokenizer,
+    )
+    batches = []
+    generate_and_score = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        batches.append(generate_and_score(inputs))
+        return batches[-1]
+
+    trainer._generate_and_score_completions = recording
+    metrics = trainer.evaluate()
+    assert batches and all(b["diffpo_stage_starts"].shape[1] == 1 for b in batches), (
+        "eval draws once, not per iteration"
+    )
+    assert all(b["diffpo_ref_logps"].shape[1] == 1 for b in batches)
+    assert math.isfinite(metrics["eval_loss"])
+    assert metrics["eval_diffusion/nfe/mean"] == 4 and "eval_diffpo/is_weight/mean" in metrics
+
+
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+def test_model_given_by_path(tokenizer, tmp_path, architecture):
+    """A model id / folder is loaded as GRPOTrainer does; a BERT-style model gets a generation config."""
+    folder = tmp_path / "model"
+    build_tiny_model(tokenizer, architecture=architecture, hidden_size=32, num_layers=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    trainer = DiffpoTrainer(
+        model=str(folder),
+        reward_funcs=text_reward,
+        args=tiny_args(tmp_path / "out", max_steps=1, num_iterations=1, beta=0.04),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    assert trainer.ref_model is not None and trainer.model.generation_config is not None
+    trainer.train()
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_completion_tensors_padded_beyond_the_canvas(tokenizer, tmp_path):
+    """With pad_to_multiple_of, TRL's completion tensors are wider than the canvas: log-probs are padded to fit."""
+    trainer = make_trainer(tokenizer, tmp_path, pad_to_multiple_of=16, max_steps=1, num_iterations=1, beta=0.04)
+    trainer.train()
+    inputs = trainer._buffered_inputs[0]
+    assert inputs["completion_ids"].shape[1] == 16 and inputs["diffpo_unmask_step"].shape[1] == 8
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))

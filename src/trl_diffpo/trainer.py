@@ -172,7 +172,8 @@ class DiffpoTrainer(GRPOTrainer):
                 "and surrogate options."
             )
 
-        if isinstance(model, str):
+        loaded_here = isinstance(model, str)
+        if loaded_here:
             model, processing_class = self._load_policy(model, args, quantization_config, processing_class)
             quantization_config = None
         base_model = model.get_base_model() if is_peft_model(model) else model
@@ -184,7 +185,9 @@ class DiffpoTrainer(GRPOTrainer):
         reference = None
         if needs_reference and peft_config is None and not is_peft_model(model):
             reference = copy.deepcopy(model).eval().requires_grad_(False)
-        hidden = {"beta": 0.0, "sync_ref_model": False, "model_init_kwargs": None}
+        hidden = {"beta": 0.0, "sync_ref_model": False}
+        if loaded_here:  # already applied: keep TRL from warning that they are ignored
+            hidden["model_init_kwargs"] = None
         saved = {key: getattr(args, key) for key in hidden}
         for key, value in hidden.items():
             setattr(args, key, value)
