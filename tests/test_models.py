@@ -640,9 +640,10 @@ def test_llada_lora_targets_match_block_ff_out_but_not_the_head():
 def test_lora_training_step_changes_only_adapters(build, targets, head_name):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(
-        build(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    )
+    base = build()
+    base.gradient_checkpointing_enable()  # the usual memory setting for LoRA on the 7-8B models
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(base, lora).train()
     modules = dict(peft_model.base_model.model.named_modules())
     assert not hasattr(modules[head_name], "lora_A"), "the output head must not get an adapter"
     adapted = {name for name, module in modules.items() if hasattr(module, "lora_A")}
