@@ -579,3 +579,131 @@ def test_pretrained_head_warm_start_and_mismatch(char_tokenizer, tmp_path):
     assert callback.head.exploration_sigma == 0.1
     with pytest.raises(ValueError, match="does not match"):
         SamplerHeadCallback(pretrained_head=tmp_path, threshold_max=3.0).setup(fake_trainer(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DiffpoTrainer integration (joint mode, checkpoints, resume)
+# ---------------------------------------------------------------------------------------------------------------------
+
+DIFFPO_PROMPTS = ["1+2=", "hello:", "abc", "7*3=", "x", "(4)", "zz:", "9-1="]
+
+
+def constant_reward(completions, **kwargs):
+    """Every completion is 'correct': only the NFE penalty distinguishes the rollouts of a group."""
+    return [1.0 for _ in completions]
+
+
+def make_diffpo_trainer(tokenizer, output_dir, callback, use_peft=False, **overrides):
+    from datasets import Dataset
+
+    from trl_diffpo import DiffpoConfig, DiffpoTrainer
+
+    values = {
+        "output_dir": str(output_dir),
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "max_completion_length": 8,
+        "block_length": 4,
+        "sampler": "entropy_bounded",
+        "threshold": 5.0,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "gradient_accumulation_steps": 1,
+        "num_iterations": 1,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "beta": 0.0,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    values.update(overrides)
+    model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
+    peft_config = None
+    if use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return DiffpoTrainer(
+        model=model,
+        reward_funcs=constant_reward,
+        args=DiffpoConfig(**values),
+        train_dataset=Dataset.from_dict({"prompt": DIFFPO_PROMPTS}),
+        processing_class=tokenizer,
+        callbacks=[callback],
+        peft_config=peft_config,
+    )
+
+
+def diffpo_head_callback(**overrides):
+    options = {
+        "mode": "joint",
+        "nfe_penalty": 1.0,
+        "threshold_max": 40.0,
+        "init_threshold": 5.0,
+        "sigma": 1.0,
+        "mlp_hidden_size": 8,
+        "head_learning_rate": 0.05,
+    }
+    options.update(overrides)
+    return SamplerHeadCallback(**options)
+
+
+def test_diffpo_joint_training_raises_the_threshold_when_reward_ignores_it(char_tokenizer, tmp_path):
+    callback = diffpo_head_callback(head_learning_rate=0.2)
+    trainer = make_diffpo_trainer(
+        char_tokenizer, tmp_path, callback, max_steps=8, save_strategy="no", per_device_train_batch_size=8,
+        num_generations=4,
+    )  # fmt: skip
+    assert trainer.model.diffpo_sampler_head is callback.head
+    probe = torch.randn(16, 32)
+    before = callback.head.predict_threshold(probe).mean().item()
+    model_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "sampler_head" not in n}
+    trainer.train()
+    after = callback.head.predict_threshold(probe).mean().item()
+    assert before == pytest.approx(5.0, abs=1e-4)
+    assert after > before + 4.0  # fewer forward passes at no cost in reward: a larger entropy bound
+    history = trainer.state.log_history
+    assert any("sampler_head/loss" in h for h in history)
+    assert any("sampler_head/corr_threshold_nfe" in h for h in history)
+    corr = [h["sampler_head/corr_threshold_nfe"] for h in history if "sampler_head/corr_threshold_nfe" in h]
+    assert sum(corr) / len(corr) < 0  # a larger entropy bound decodes in fewer forward passes
+    # joint mode: the dLLM trains too (its loss is zero with a constant reward, so only check it is trainable)
+    assert all(p.requires_grad for n, p in trainer.model.named_parameters() if n in model_before)
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_diffpo_checkpoint_resume_restores_head_weights_and_optimizer_state(char_tokenizer, tmp_path, use_peft):
+    from safetensors.torch import load_file
+
+    callback = diffpo_head_callback()
+    trainer = make_diffpo_trainer(char_tokenizer, tmp_path / "run", callback, use_peft=use_peft)
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / HEAD_WEIGHTS_NAME).is_file() and (checkpoint / HEAD_CONFIG_NAME).is_file()
+    saved_weights = load_file(checkpoint / HEAD_WEIGHTS_NAME)
+    saved_optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    final = {k: v.clone() for k, v in callback.head.state_dict().items()}
+    assert not torch.equal(final["mlp.2.bias"], saved_weights["mlp.2.bias"])
+
+    trainer.save_model(str(tmp_path / "final"))  # the final folder reloads the head with one call
+    reloaded = load_sampler_head(tmp_path / "final")
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in final.items())
+
+    resumed_callback = diffpo_head_callback()
+    resumed = make_diffpo_trainer(char_tokenizer, tmp_path / "resumed", resumed_callback, use_peft=use_peft)
+    probe = ResumeProbe(resumed_callback.head)
+    resumed.add_callback(probe)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed_callback.restored_from == str(checkpoint)
+    for name, value in saved_weights.items():
+        assert torch.equal(probe.weights[name], value), name
+    head_group = probe.optimizer_state["param_groups"][-1]
+    assert head_group[HEAD_ATTRIBUTE] and head_group["lr"] == 0.05
+    for index in head_group["params"]:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(probe.optimizer_state["state"][index][key], saved_optimizer["state"][index][key])
+    assert not torch.equal(resumed_callback.head.state_dict()["mlp.2.bias"], saved_weights["mlp.2.bias"])
