@@ -278,10 +278,12 @@ def test_lora_trains_only_adapter_and_head_and_reference_is_adapter_disabled(tok
 
 
 def test_full_finetune_reference_is_a_frozen_copy(tokenizer, tmp_path):
-    trainer = make_trainer(tokenizer, tmp_path, beta=0.1)
+    trainer = make_trainer(tokenizer, tmp_path, beta=0.1, save_strategy="steps", save_steps=2)
     reference_before = snapshot(trainer.ref_model)
     policy_before = snapshot(trainer.model)
     trainer.train()
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    assert "DiFFPO" in (tmp_path / "README.md").read_text()
     assert not changed(reference_before, trainer.ref_model)
     assert changed(policy_before, trainer.model)
     assert all(math.isfinite(k) for k in logged(trainer, "kl")) and max(logged(trainer, "kl")) > 0

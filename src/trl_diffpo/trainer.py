@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import textwrap
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from trl.trainer.utils import (
     create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
+    is_async_callable,
     nanstd,
     pad,
     use_adapter,
@@ -225,7 +225,7 @@ class DiffpoTrainer(GRPOTrainer):
         check_bidirectional(self.model)
         self._logits_shift = is_shifted_logits_model(self.model)
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
-            if not isinstance(func, torch.nn.Module) and not inspect.iscoroutinefunction(func):
+            if not isinstance(func, torch.nn.Module) and not is_async_callable(func):
                 self.reward_funcs[i] = _named_reward(func, name)
 
         seed = args.seed if args.surrogate_seed is None else args.surrogate_seed
@@ -315,7 +315,8 @@ class DiffpoTrainer(GRPOTrainer):
         return "train" if self.model.training else "eval"
 
     def _rollout_random(self, device: torch.device) -> torch.Generator:
-        if self._rollout_generator is None or self._rollout_generator.device != device:
+        """The local generator of all rollout randomness, created once on the rollout device and then kept."""
+        if self._rollout_generator is None:
             self._rollout_generator = torch.Generator(device=device).manual_seed(self._rollout_seed)
         return self._rollout_generator
 
