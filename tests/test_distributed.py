@@ -6,8 +6,9 @@
 - A few ``DiffpoTrainer`` steps on 2 processes with an adaptive sampler and the ``SamplerHeadCallback``: both ranks
   finish, metrics are gathered, the head's weights are identical on both ranks afterwards.
 
-Each test spawns 2 fresh processes (``torch.multiprocessing`` with the gloo backend) and collects per-rank results
-through files; a worker that fails writes its traceback, which the test re-raises with the rank.
+The module spawns 2 fresh processes once (``torch.multiprocessing`` with the gloo backend; the trainer's accelerate
+state sees ``WORLD_SIZE=2`` on CPU and uses the same group), collects per-rank results through files and checks them
+in separate tests; a worker that fails writes its traceback, which the tests report with the rank.
 """
 
 from __future__ import annotations
@@ -95,6 +96,27 @@ def _spawn(body, out_dir, *args) -> list:
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD_SIZE)]
 
 
+def _worker(rank: int, out_dir: str) -> dict:
+    """Everything the tests below check, in one 2-process run (spawning costs more than the work itself)."""
+    return {"decoding": _decoding_worker(rank, out_dir), "trainer": _trainer_worker(rank, out_dir)}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Per-rank results of the 2-process run."""
+    return _spawn(_worker, tmp_path_factory.mktemp("two_process"))
+
+
+@pytest.fixture
+def decoding_runs(two_process_runs):
+    return [run["decoding"] for run in two_process_runs]
+
+
+@pytest.fixture
+def trainer_runs(two_process_runs):
+    return [run["trainer"] for run in two_process_runs]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # synced_gpus decoding
 
@@ -138,12 +160,6 @@ def _decoding_worker(rank: int, out_dir: str) -> dict:
     return result
 
 
-@pytest.fixture(scope="module")
-def decoding_runs(tmp_path_factory):
-    """Per-rank results of one 2-process decoding run (spawned once for the tests below)."""
-    return _spawn(_decoding_worker, tmp_path_factory.mktemp("decoding"))
-
-
 @pytest.mark.slow
 def test_synced_gpus_keeps_forward_counts_equal_across_ranks(decoding_runs):
     ranks = [run[True] for run in decoding_runs]
@@ -169,3 +185,166 @@ def test_without_synced_gpus_ranks_make_different_forward_counts(decoding_runs):
     ranks = [run[False] for run in decoding_runs]
     assert ranks[0]["forward_calls"] == GEN_LENGTH // BLOCK_LENGTH
     assert ranks[1]["forward_calls"] == GEN_LENGTH
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DiffpoTrainer steps with an adaptive sampler and the sampler head on 2 processes
+
+TRAIN_PROMPTS = ["12+34=", "7*8=", "90-45=", "3+3+3=", "81/9=", "5*5-1=", "64+1=", "2*2*2="]
+NUM_GENERATIONS = 2
+PER_DEVICE_BATCH = 2
+TRAIN_STEPS = 2
+
+
+def _digit_fraction_reward(prompts, completions, **kwargs):
+    """A cheap reward that varies across random completions (so advantages, and gradients, are not zero)."""
+    return [sum(char.isdigit() for char in text) / max(len(text), 1) for text in completions]
+
+
+def _trainer_worker(rank: int, out_dir: str) -> dict:
+    from datasets import Dataset
+
+    import trl_diffpo.sampler_head as sampler_head_module
+    import trl_diffpo.trainer as trainer_module
+    from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
+    from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
+
+    local_rollouts = []  # (nfe, threshold) of every rollout on this rank
+    original_generate = trainer_module.diffusion_generate
+
+    def recording_generate(*args, **kwargs):
+        output = original_generate(*args, **kwargs)
+        local_rollouts.append((output.nfe.clone(), output.threshold.clone()))
+        return output
+
+    trainer_module.diffusion_generate = recording_generate
+    head_saves = []
+    original_save = sampler_head_module.save_sampler_head
+
+    def counting_save(*args, **kwargs):
+        head_saves.append(str(args[1]))
+        return original_save(*args, **kwargs)
+
+    sampler_head_module.save_sampler_head = counting_save
+    local_prompts = []
+
+    def recording_reward(prompts, completions, **kwargs):
+        local_prompts.append(list(prompts))
+        return _digit_fraction_reward(prompts, completions)
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=0)
+    args = DiffpoConfig(
+        output_dir=os.path.join(out_dir, "run"),
+        per_device_train_batch_size=PER_DEVICE_BATCH,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=16,
+        block_length=8,
+        sampler="entropy_bounded",
+        threshold=0.5,
+        temperature=0.9,
+        num_iterations=1,
+        beta=0.0,
+        max_steps=TRAIN_STEPS,
+        learning_rate=1e-2,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        # DDP marks parameters outside the forward graph as unused; the head's loss is computed outside the model's
+        # forward, so with find_unused_parameters=True its gradients would be "marked ready twice".
+        ddp_find_unused_parameters=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    callback = SamplerHeadCallback(mode="joint", nfe_penalty=0.5, mlp_hidden_size=8, threshold_max=2.0)
+    trainer = DiffpoTrainer(
+        model=model,
+        reward_funcs=recording_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    head_before = {name: value.detach().clone() for name, value in callback.head.state_dict().items()}
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    # the same inputs on both ranks: exploration noise and rollout sampling must still differ per rank
+    probe_hidden = torch.zeros(4, model.config.hidden_size)
+    probe_thresholds = callback.threshold_fn(probe_hidden)
+    trainer.model.train()
+    probe_completions, _ = trainer._generate_single_turn([tokenizer.encode(TRAIN_PROMPTS[0])] * 4, None, None, 1)
+    model_after = {
+        name: value.detach().clone()
+        for name, value in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
+        if not name.startswith("diffpo_sampler_head.")
+    }
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "head_before": head_before,
+        "head_after": {name: value.detach().clone() for name, value in callback.head.state_dict().items()},
+        "model_after": model_after,
+        "log_history": trainer.state.log_history,
+        "global_step": trainer.state.global_step,
+        "local_rollouts": local_rollouts,
+        "local_prompts": local_prompts,
+        "head_saves": head_saves,
+        "probe_thresholds": probe_thresholds,
+        "probe_completions": probe_completions,
+    }
+
+
+@pytest.mark.slow
+def test_two_process_training_finishes_on_both_ranks(trainer_runs):
+    assert [run["world_size"] for run in trainer_runs] == [WORLD_SIZE, WORLD_SIZE]
+    assert [run["global_step"] for run in trainer_runs] == [TRAIN_STEPS, TRAIN_STEPS]
+
+
+@pytest.mark.slow
+def test_sampler_head_weights_stay_equal_across_ranks_and_train(trainer_runs):
+    rank0, rank1 = trainer_runs
+    for name, before in rank0["head_before"].items():
+        assert torch.equal(before, rank1["head_before"][name]), name
+        assert torch.equal(rank0["head_after"][name], rank1["head_after"][name]), name
+    assert any(not torch.equal(rank0["head_before"][n], rank0["head_after"][n]) for n in rank0["head_before"])
+    for name, value in rank0["model_after"].items():
+        assert torch.equal(value, rank1["model_after"][name]), name
+
+
+@pytest.mark.slow
+def test_rollout_metrics_are_gathered_across_ranks(trainer_runs):
+    rank0, rank1 = trainer_runs
+    first_log = [next(entry for entry in run["log_history"] if "diffusion/nfe/mean" in entry) for run in trainer_runs]
+    # the logged NFE is the mean over BOTH ranks' rollouts of the first step, identical on both ranks ...
+    local_nfe = [run["local_rollouts"][0][0].float() for run in trainer_runs]
+    both = torch.cat(local_nfe)
+    for entry in first_log:
+        assert entry["diffusion/nfe/mean"] == pytest.approx(both.mean().item())
+        assert entry["diffusion/nfe/max"] == pytest.approx(both.max().item())
+    # ... and the reward too (TRL gathers it)
+    assert first_log[0]["reward"] == pytest.approx(first_log[1]["reward"])
+
+
+@pytest.mark.slow
+def test_random_streams_differ_per_rank_while_prompt_order_is_shared(trainer_runs):
+    rank0, rank1 = trainer_runs
+    # identical weights and inputs on both ranks, yet the head's exploration noise and the Gumbel noise of the
+    # rollouts are drawn from per-rank streams
+    assert not torch.allclose(rank0["probe_thresholds"], rank1["probe_thresholds"])
+    assert rank0["probe_completions"] != rank1["probe_completions"]
+    # TRL's sampler must order prompts identically on every rank: each step's prompts, over both ranks, are whole
+    # groups of NUM_GENERATIONS copies of distinct prompts
+    for step in range(TRAIN_STEPS):
+        prompts = rank0["local_prompts"][step] + rank1["local_prompts"][step]
+        counts = {prompt: prompts.count(prompt) for prompt in prompts}
+        assert set(counts.values()) == {NUM_GENERATIONS}, counts
+
+
+@pytest.mark.slow
+def test_sampler_head_is_saved_once(trainer_runs):
+    rank0, rank1 = trainer_runs
+    assert len(rank0["head_saves"]) == 1
+    assert rank1["head_saves"] == []
+    assert os.path.isfile(os.path.join(rank0["head_saves"][0], "sampler_head.safetensors"))
