@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import math
+import subprocess
+import sys
 import threading
+import time
 from fractions import Fraction
 
 import pytest
@@ -38,6 +41,7 @@ from trl_diffpo.rewards import (
     sudoku_strict_reward,
     xml_count_reward,
 )
+from trl_diffpo.rewards import math_verifier as math_verifier_module
 from trl_diffpo.rewards.countdown import MAX_EXPRESSION_CHARS, MAX_LITERAL_DIGITS, MAX_PAREN_DEPTH
 
 GSM8K_COMPLETION = """<reasoning>
@@ -230,9 +234,40 @@ class TestMathVerifier:
         pairs = [("42", "42"), (r"\frac{1}{2}", "0.5"), ("3", "4"), (r"\text{(B)}", r"\text{(B)}")]
         assert [inline.is_equivalent(*pair) for pair in pairs] == [verifier.is_equivalent(*pair) for pair in pairs]
 
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+    def test_worker_dies_with_its_parent(self):
+        # load the verifier module by path: importing the whole package would make this test slow
+        script = (
+            "import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('verifier', {str(math_verifier_module.__file__)!r})\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "verifier = module.MathVerifier(timeout_s=600)\n"
+            "verifier.is_equivalent('1', '1')\n"
+            "print(verifier._proc.pid, flush=True)\n"
+            "verifier.is_equivalent('1', '9^{9^{9^{9}}}')\n"  # busy for ever while the parent is killed
+        )
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        worker_pid = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        for _ in range(100):
+            if not _process_alive(worker_pid):
+                break
+            time.sleep(0.1)
+        assert not _process_alive(worker_pid)
+
     def test_invalid_timeout(self):
         with pytest.raises(ValueError, match="timeout_s"):
             MathVerifier(timeout_s=0)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- countdown

@@ -5,7 +5,7 @@ worker starts as ``python _math_worker.py`` in a fresh interpreter: it never imp
 torch or CUDA, and can be killed at any moment without harming the parent. :func:`judge` is also imported in-process
 by :class:`trl_diffpo.rewards.math_verifier.MathVerifier` when ``use_subprocess=False``.
 
-Protocol (one JSON object per line): the worker first writes ``{"ready": true}`` (or ``{"error": "..."}`` and exits),
+Usage: ``python _math_worker.py [MAX_MEMORY_MB]``. Protocol (one JSON object per line): the worker first writes ``{"ready": true}`` (or ``{"error": "..."}`` and exits),
 then answers every request ``{"id": n, "gold": str, "pred": str}`` with ``{"id": n, "correct": bool}``.
 """
 
@@ -60,7 +60,33 @@ def judge(gold: str, pred: str) -> bool:
     return False
 
 
-def _serve() -> int:
+def _limit_self(max_memory_mb: int) -> None:
+    """Best-effort guards: die with the parent (Linux) and cap the address space, so that a runaway sympy
+    computation can neither outlive the trainer nor eat the node's memory (it then fails with MemoryError)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except Exception:
+            pass
+    if max_memory_mb > 0:
+        try:
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            limit = max_memory_mb * 2**20
+            resource.setrlimit(
+                resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+            )
+        except Exception:
+            pass
+
+
+def _serve(max_memory_mb: int = 0) -> int:
+    _limit_self(max_memory_mb)
     logging.disable(logging.CRITICAL)  # math_verify warns that its timeouts are off: expected here
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol stream
@@ -82,4 +108,4 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve())
+    sys.exit(_serve(max_memory_mb=int(sys.argv[1]) if len(sys.argv) > 1 else 0))

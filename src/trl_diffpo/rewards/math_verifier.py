@@ -10,7 +10,9 @@ event is logged and counted in :attr:`MathVerifier.stats`, and a fresh worker st
 Why this is safe: the worker is started with ``subprocess.Popen`` (fork + immediate exec of a new interpreter), so it
 inherits no CUDA context, NCCL communicator, locks or threads of the trainer, never imports the user's script (unlike
 ``multiprocessing`` "spawn"), and only imports the standard library and ``math_verify``. The parent side uses no
-signals; a daemon reader thread only moves lines from the pipe into a queue. Calls are serialised by a lock, so the
+signals; a daemon reader thread only moves lines from the pipe into a queue. On Linux the worker asks the kernel to
+kill it when its parent dies, and its address space is capped (``worker_memory_mb``), so a runaway computation can
+neither outlive the trainer nor exhaust the node's memory. Calls are serialised by a lock, so the
 verifier may be shared by threads. After ``os.fork`` a child process starts its own worker (the pid is checked).
 """
 
@@ -25,6 +27,7 @@ import queue
 import subprocess
 import sys
 import threading
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +38,16 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
 # answers longer than this are judged "not correct" without parsing (no real GSM8K/MATH answer is this long)
 MAX_ANSWER_CHARS = 1000
+# address-space cap of the worker process (it needs about 0.5 GiB); a runaway computation gets a MemoryError
+DEFAULT_WORKER_MEMORY_MB = 4096
+
+_live_verifiers: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_verifiers() -> None:
+    for verifier in list(_live_verifiers):
+        verifier.close()
 
 
 class MathVerifier:
@@ -46,6 +59,7 @@ class MathVerifier:
             ``math_verify``'s signal timeouts disabled: there is then **no time bound**; only for trusted input.
         startup_timeout_s: seconds to wait for a new worker to import ``math_verify``.
         max_answer_chars: longer answers (gold or prediction) are judged ``False`` without parsing.
+        worker_memory_mb: address-space limit of the worker (Unix; 0 for none).
 
     Example:
         >>> verifier = MathVerifier(timeout_s=2.0)
@@ -59,6 +73,7 @@ class MathVerifier:
         use_subprocess: bool = True,
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         max_answer_chars: int = MAX_ANSWER_CHARS,
+        worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB,
     ):
         if timeout_s <= 0:
             raise ValueError(f"MathVerifier: timeout_s must be > 0, got {timeout_s}.")
@@ -66,13 +81,14 @@ class MathVerifier:
         self.use_subprocess = use_subprocess
         self.startup_timeout_s = float(startup_timeout_s)
         self.max_answer_chars = int(max_answer_chars)
+        self.worker_memory_mb = int(worker_memory_mb)
         self.stats: Counter[str] = Counter()  # checks, too_long, timeouts, worker_starts, worker_deaths, errors
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._replies: queue.Queue | None = None
         self._owner_pid: int | None = None
         self._request_ids = itertools.count()
-        atexit.register(self.close)
+        _live_verifiers.add(self)
 
     # ------------------------------------------------------------------ public API
     def is_equivalent(self, gold: str, pred: str) -> bool:
@@ -147,7 +163,7 @@ class MathVerifier:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-u", str(WORKER_SCRIPT)],
+                [sys.executable, "-u", str(WORKER_SCRIPT), str(self.worker_memory_mb)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
