@@ -707,3 +707,13 @@ def test_diffpo_checkpoint_resume_restores_head_weights_and_optimizer_state(char
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(probe.optimizer_state["state"][index][key], saved_optimizer["state"][index][key])
     assert not torch.equal(resumed_callback.head.state_dict()["mlp.2.bias"], saved_weights["mlp.2.bias"])
+
+
+def test_diffpo_sampler_only_trains_the_head_and_leaves_the_dllm_untouched(char_tokenizer, tmp_path):
+    callback = diffpo_head_callback(mode="sampler_only")
+    trainer = make_diffpo_trainer(char_tokenizer, tmp_path, callback, max_steps=2, save_strategy="no")
+    dllm_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if HEAD_ATTRIBUTE not in n}
+    head_before = {n: p.detach().clone() for n, p in callback.head.named_parameters()}
+    trainer.train()
+    assert all(torch.equal(p, dllm_before[n]) for n, p in trainer.model.named_parameters() if n in dllm_before)
+    assert any(not torch.equal(p, head_before[n]) for n, p in callback.head.named_parameters())
