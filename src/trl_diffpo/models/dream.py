@@ -60,6 +60,7 @@ class DreamConfig(PreTrainedConfig):
     num_hidden_layers: int = 28
     num_attention_heads: int = 28
     num_key_value_heads: int | None = 4
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (the released checkpoints)
     hidden_act: str = "silu"
     max_position_embeddings: int = 131072
     initializer_range: float = 0.02
@@ -67,7 +68,7 @@ class DreamConfig(PreTrainedConfig):
     use_cache: bool = False
     tie_word_embeddings: bool = False
     rope_theta: float = 1000000.0
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # a plain field here (the base class has a deprecated property of this name)
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 28
@@ -79,8 +80,6 @@ class DreamConfig(PreTrainedConfig):
     # The released config.json names its Hub code here; it is ignored because the native class is registered. Always
     # present (empty by default): TRL's `create_model_from_path` reads `config.auto_map` for non-transformers classes.
     auto_map: dict = field(default_factory=dict)
-
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads (the released checkpoints)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
