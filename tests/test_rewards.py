@@ -57,7 +57,14 @@ SUDOKU_PUZZLE = "1000020000344302"
 SUDOKU_SOLUTION = "1423324121344312"
 OTHER_VALID_GRID = "1234341221434321"
 # extra columns TRL passes to every reward: they must be accepted and ignored
-TRL_EXTRAS = {"nfe": [12, 30], "threshold": [0.9, 0.5], "trainer_state": object(), "prompt": ["p", "q"]}
+TRL_EXTRAS = {
+    "nfe": [12, 30],
+    "threshold": [0.9, 0.5],
+    "trainer_state": object(),
+    "log_extra": lambda *args, **kwargs: None,
+    "log_metric": lambda *args, **kwargs: None,
+    "prompt": ["p", "q"],
+}
 
 
 def grid_text(grid: str) -> str:
@@ -207,6 +214,18 @@ class TestMathVerifier:
             assert verifier.stats["worker_starts"] == 2
         finally:
             verifier.close()
+
+    def test_timeouts_are_logged_through_trl_log_metric(self):
+        verifier = MathVerifier(timeout_s=1.0)
+        reward = make_math_accuracy_reward(verifier, name="logged")
+        logged = []
+        try:
+            completions = [r"<answer>9^{9^{9^{9}}}</answer>", "<answer>42</answer>"]
+            scores = reward(None, completions, answer=["42", "42"], log_metric=lambda n, v: logged.append((n, v)))
+        finally:
+            verifier.close()
+        assert scores == [0.0, 1.0]
+        assert logged == [("logged/verifier_timeouts", 1.0)]
 
     def test_over_long_answer_is_rejected_without_parsing(self, verifier):
         before = verifier.stats["too_long"]

@@ -16,7 +16,8 @@ def make_math_accuracy_reward(
 
     The prediction is the ``\\boxed{}`` inside the last ``<answer>`` block, else that block's text, else the last
     ``\\boxed{}`` (see :func:`~trl_diffpo.rewards.extraction.extract_math_answer`); no answer scores 0.0. The gold
-    answer may be GSM8K's raw ``"...#### 42"``. Rows without an ``answer`` get None.
+    answer may be GSM8K's raw ``"...#### 42"``. Rows without an ``answer`` get None. When TRL passes ``log_metric``,
+    the number of verifier timeouts in the batch is logged as ``<name>/verifier_timeouts``.
 
     Args:
         verifier: the :class:`MathVerifier` to use; default: the process-wide one (5 s per item).
@@ -25,6 +26,7 @@ def make_math_accuracy_reward(
 
     def reward(prompts=None, completions=(), completion_ids=None, answer=None, **kwargs) -> list[float | None]:
         judge = verifier or get_default_verifier()
+        timeouts_before = judge.stats["timeouts"]
 
         def score(text: str, answer) -> float:
             gold = normalize_gold_answer(answer)
@@ -33,7 +35,11 @@ def make_math_accuracy_reward(
                 return 0.0
             return 1.0 if judge.is_equivalent(gold, pred) else 0.0
 
-        return score_completions(name, completions, score, {"answer": answer})
+        rewards = score_completions(name, completions, score, {"answer": answer})
+        log_metric = kwargs.get("log_metric")  # TRL >= 1.16 passes a scalar logger to reward functions
+        if callable(log_metric):
+            log_metric(f"{name}/verifier_timeouts", float(judge.stats["timeouts"] - timeouts_before))
+        return rewards
 
     reward.__name__ = reward.__qualname__ = name
     reward.__doc__ = make_math_accuracy_reward.__doc__.split("\n\n")[0].replace("Build a TRL reward: ", "")
