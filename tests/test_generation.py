@@ -569,3 +569,30 @@ def test_prompt_hidden_only_on_request(model, batch):
     with_hidden = generate(model, batch, sampler="low_confidence", steps=8, return_prompt_hidden=True)
     assert with_hidden.prompt_hidden.shape == (len(PROMPTS), model.config.hidden_size)
     assert torch.equal(with_hidden.sequences, plain.sequences)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The policy distribution
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_policy_log_softmax_definition_and_no_side_effects(dtype, temperature):
+    from trl_diffpo.generation import _policy_log_softmax
+
+    logits = (torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    untouched = logits.clone()
+    logps = policy_log_softmax(logits, 4, temperature)
+    assert torch.equal(logits, untouched)  # the caller's logits are not edited in place
+    assert logps.dtype == torch.float32
+    scaled = logits.double() / (temperature if temperature > 0 else 1.0)
+    scaled[..., 4] = float("-inf")
+    torch.testing.assert_close(logps, torch.log_softmax(scaled, -1).float(), atol=1e-5, rtol=1e-6)
+    assert (logps[..., 4] == float("-inf")).all()
+    # The decoding loop's in-place variant is bit-identical: the K=T surrogate reproduces behaviour log-probs exactly.
+    assert torch.equal(_policy_log_softmax(logits.clone(), 4, temperature, writable=True), logps)
+    # Gradients flow (training calls it on logits that require grad).
+    trainable = logits.float().requires_grad_()
+    policy_log_softmax(trainable, 4, temperature)[..., 0].sum().backward()
+    assert torch.isfinite(trainable.grad).all() and (trainable.grad[..., 4] == 0).all()
