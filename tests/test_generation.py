@@ -596,3 +596,22 @@ def test_policy_log_softmax_definition_and_no_side_effects(dtype, temperature):
     trainable = logits.float().requires_grad_()
     policy_log_softmax(trainable, 4, temperature)[..., 0].sum().backward()
     assert torch.isfinite(trainable.grad).all() and (trainable.grad[..., 4] == 0).all()
+
+
+def test_generator_on_another_device_warns_once(model, batch, caplog, monkeypatch):
+    import trl_diffpo.generation as generation
+
+    class MetaLikeGenerator:  # a generator that claims another device; draws come from a real CPU generator
+        device = torch.device("meta")
+
+        def __init__(self):
+            self.inner = torch.Generator().manual_seed(0)
+
+    real_uniform = generation._uniform
+    monkeypatch.setattr(generation, "_uniform", lambda shape, gen, device: real_uniform(shape, gen.inner, device))
+    monkeypatch.setattr(generation, "_warned_generator_devices", set())
+    with caplog.at_level("WARNING", logger="trl_diffpo.generation"):
+        for _ in range(2):
+            generate(model, batch, sampler="random", steps=8, generator=MetaLikeGenerator())
+    warnings = [record for record in caplog.records if "generator is on meta" in record.getMessage()]
+    assert len(warnings) == 1 and "torch.Generator(device='cpu')" in warnings[0].getMessage()

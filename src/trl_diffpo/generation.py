@@ -13,6 +13,7 @@ committed it (``logprobs``), and per row the number of forward passes (``nfe``) 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .samplers import (
 )
 
 _GUMBEL_EPS = 1e-20
+logger = logging.getLogger(__name__)
+_warned_generator_devices: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -173,6 +176,23 @@ def _uniform(shape, generator: torch.Generator, device: torch.device) -> torch.T
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
+def _warn_generator_device(generator_device: torch.device, device: torch.device) -> None:
+    """Noise follows the generator's device (reproducibility), so a CPU generator with a GPU model draws every step's
+    ``(rows, block, vocab)`` noise on the CPU and copies it over: correct, but slow. Warn once per device pair."""
+    key = (generator_device.type, device.type)
+    if key in _warned_generator_devices:
+        return
+    _warned_generator_devices.add(key)
+    logger.warning(
+        "diffusion_generate: the generator is on %s but the inputs are on %s; the sampling noise is drawn on %s and "
+        "copied every step, which is slow for large vocabularies. Pass `torch.Generator(device=%r)` instead.",
+        generator_device,
+        device,
+        generator_device,
+        str(device),
+    )
+
+
 def _pool_prompt(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the prompt tokens' hidden states (padding excluded), accumulated in float32, in the hidden dtype."""
     weights = prompt_mask.float()[..., None]
@@ -221,9 +241,12 @@ def diffusion_generate(
         threshold: float or ``(batch,)`` tensor: confidence threshold in (0, 1] or EB gamma >= 0.
         threshold_fn: called once with the ``(batch, hidden)`` pooled prompt hidden state of the first forward; returns
             the ``(batch,)`` per-row thresholds (how a learned sampler head sets thresholds without an extra forward).
+            When given, it takes precedence over ``threshold``.
         temperature: 0 for greedy (argmax); otherwise Gumbel-max sampling from ``softmax(logits / temperature)``.
         generator: local ``torch.Generator`` for all randomness (Gumbel noise, random order); the global RNG is
-            never used. ``None`` creates a fresh, non-deterministically seeded one when randomness is needed.
+            never used. ``None`` creates a fresh, non-deterministically seeded one when randomness is needed. The noise
+            is drawn on the generator's device: keep it on the inputs' device (a CPU generator with a GPU model is
+            correct but slow, and logs a warning).
         mask_token_id: the ``[MASK]`` id; resolved from the model config / tokenizer when ``None``.
         eos_token_id: end-of-sequence id. With ``stop_at_eos`` a row stops as soon as every position up to its first
             committed EOS is decoded: its remaining masked positions become EOS without further forward passes.
@@ -245,6 +268,8 @@ def diffusion_generate(
     if generator is None and (temperature > 0 or sampler == RANDOM):
         generator = torch.Generator(device=device)
         generator.seed()
+    elif generator is not None and generator.device.type != device.type and (temperature > 0 or sampler == RANDOM):
+        _warn_generator_device(generator.device, device)
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
