@@ -1,0 +1,276 @@
+"""Benchmark the masked-diffusion decoding engine: tokens/s, NFE/s and the sampler's overhead over pure forwards.
+
+For each sampler the script runs :func:`trl_diffpo.generation.diffusion_generate` on random prompts and then replays
+the very same sequence of forward passes (same number, same shapes: rows that finished early leave the batch, so
+later forwards may carry fewer rows) as bare backbone forwards. The sampler overhead is
+
+    overhead = (generate time - bare forward time) / bare forward time
+
+i.e. everything the engine does besides the model itself: distributions, Gumbel noise, selection, trace bookkeeping,
+host synchronisation. Times are medians over ``--repeats`` runs after one warm-up run; on CUDA they are taken with
+CUDA events after ``torch.cuda.synchronize()``.
+
+Sizes (random weights, nothing is downloaded):
+
+- ``tiny``: the character-level test model of :mod:`trl_diffpo.tiny` (hidden 64, 2 layers, vocabulary 97);
+- ``small``: a bidirectional Llama (hidden 512, 4 layers, vocabulary 32000) built like ``llada8b``: on the meta
+  device, then materialised; use it to check that code path on a CPU;
+- ``llada8b``: an LLaDA-8B-shaped bidirectional Llama (hidden 4096, 32 layers, 32 heads, intermediate 12288,
+  vocabulary 126464, ``is_causal=False``), built on the meta device and materialised on ``--device`` in ``--dtype``
+  (needs about 17 GB of accelerator memory in bf16).
+
+Examples::
+
+    python benchmarks/bench_generation.py --device cpu --dtype float32 --size tiny --batch 8 --prompt-len 64 \\
+        --gen-len 64 --block 16 --repeats 5
+    python benchmarks/bench_generation.py --device cuda --dtype bfloat16 --size llada8b --batch 8 --prompt-len 256 \\
+        --gen-len 256 --block 32 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from trl_diffpo.backbones import DiffusionBackbone, get_backbone
+from trl_diffpo.generation import diffusion_generate
+from trl_diffpo.samplers import SAMPLERS
+
+# Shapes of the random-weight bidirectional Llamas (the tiny size comes from trl_diffpo.tiny).
+MODEL_SHAPES = {
+    "small": {
+        "hidden_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "intermediate_size": 1536,
+        "vocab_size": 32000,
+        "mask_token_id": 31999,
+        "eos_token_id": 2,
+    },
+    "llada8b": {  # LLaDA-8B: mask id 126336, eos 126081
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "intermediate_size": 12288,
+        "vocab_size": 126464,
+        "mask_token_id": 126336,
+        "eos_token_id": 126081,
+    },
+}
+INIT_STD = 0.02  # normal init of the random weights
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FIRST_REGULAR_TOKEN = 5  # prompts avoid the low ids where special tokens usually live
+
+
+def random_tokens(shape, vocab_size: int, mask_token_id: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Random regular token ids (never the mask id)."""
+    ids = torch.randint(FIRST_REGULAR_TOKEN, vocab_size, shape, generator=generator, device=device)
+    return torch.where(ids == mask_token_id, FIRST_REGULAR_TOKEN, ids)
+
+
+@dataclass
+class SamplerResult:
+    sampler: str
+    options: str
+    mean_nfe_per_row: float
+    forward_passes: int
+    generate_s: float
+    forwards_s: float
+    tokens_per_s: float
+    nfe_per_s: float
+    overhead: float
+
+
+def build_random_bidirectional_llama(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-weight bidirectional Llama: built on the meta device (no host memory), then materialised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        is_causal=False,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:  # RMSNorm scales
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, INIT_STD, generator=generator)
+    # Non-persistent buffers (the rotary frequencies) are not parameters: rebuild them on the device in float32.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config).to(device)
+    return model.eval()
+
+
+def build_model(size: str, device: torch.device, dtype: torch.dtype):
+    """Returns ``(model, mask_token_id, vocab_size)``."""
+    if size == "tiny":
+        from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
+
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_model(tokenizer, architecture="llama", dtype=dtype).to(device)
+        return model, tokenizer.mask_token_id, len(tokenizer)
+    shape = MODEL_SHAPES[size]
+    return build_random_bidirectional_llama(shape, device, dtype), shape["mask_token_id"], shape["vocab_size"]
+
+
+class RecordingBackbone(DiffusionBackbone):
+    """Remembers the number of rows of every forward pass, to replay them as bare forwards."""
+
+    def __init__(self, backbone: DiffusionBackbone):
+        super().__init__(backbone.model, backbone.mask_token_id, logits_shift=backbone.logits_shift)
+        self.rows_per_forward: list[int] = []
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        self.rows_per_forward.append(input_ids.shape[0])
+        return super().forward(input_ids, attention_mask, output_hidden_states)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall time of ``fn()`` in seconds; CUDA events around it on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    start_time = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_time
+
+
+def sampler_options(sampler: str, args) -> dict:
+    if sampler in ("low_confidence", "random"):
+        return {"steps": args.steps or args.gen_len // 2}
+    if sampler == "confidence_threshold":
+        return {"threshold": args.confidence_threshold}
+    return {"threshold": args.entropy_threshold}
+
+
+def bench_sampler(sampler, backbone, prompts, vocab_size, args, device) -> SamplerResult:
+    options = sampler_options(sampler, args)
+    common = dict(
+        gen_length=args.gen_len,
+        block_length=args.block,
+        sampler=sampler,
+        temperature=args.temperature,
+        **options,
+    )
+
+    def run(target):
+        # same seed every run: the same trajectory, hence the same forward shapes
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        return diffusion_generate(target, prompts, generator=generator, **common)
+
+    recorder = RecordingBackbone(backbone)
+    output = run(recorder)  # warm-up, and the forward shapes to replay
+    rows_per_forward = recorder.rows_per_forward
+    generate_times = [timed(lambda: run(backbone), device) for _ in range(args.repeats)]
+
+    canvas_length = prompts.shape[1] + args.gen_len
+    token_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    bare_ids = random_tokens(
+        (prompts.shape[0], canvas_length), vocab_size, backbone.mask_token_id, token_generator, device
+    )
+
+    def bare_forwards():
+        with torch.no_grad():
+            for rows in rows_per_forward:
+                backbone(bare_ids[:rows])
+
+    bare_forwards()  # warm-up
+    forward_times = [timed(bare_forwards, device) for _ in range(args.repeats)]
+
+    generate_s, forwards_s = statistics.median(generate_times), statistics.median(forward_times)
+    return SamplerResult(
+        sampler=sampler,
+        options=", ".join(f"{key}={value}" for key, value in options.items()),
+        mean_nfe_per_row=float(output.nfe.float().mean()),
+        forward_passes=len(rows_per_forward),
+        generate_s=generate_s,
+        forwards_s=forwards_s,
+        tokens_per_s=prompts.shape[0] * args.gen_len / generate_s,
+        nfe_per_s=len(rows_per_forward) / generate_s,
+        overhead=(generate_s - forwards_s) / forwards_s,
+    )
+
+
+def markdown_table(results: list[SamplerResult]) -> str:
+    lines = [
+        "| sampler | options | mean NFE/row | forwards | generate (s) | bare forwards (s) | tokens/s | NFE/s | overhead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.sampler} | {r.options} | {r.mean_nfe_per_row:.1f} | {r.forward_passes} | {r.generate_s:.3f} | "
+            f"{r.forwards_s:.3f} | {r.tokens_per_s:.1f} | {r.nfe_per_s:.1f} | {100 * r.overhead:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
+    )
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "llada8b"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--gen-len", type=int, default=256)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="fixed-schedule samplers; default gen-len / 2")
+    parser.add_argument("--confidence-threshold", type=float, default=0.9)
+    parser.add_argument("--entropy-threshold", type=float, default=1.0, help="EB gamma, in nats")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[SamplerResult]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, mask_token_id, vocab_size = build_model(args.size, device, dtype)
+    backbone = get_backbone(model, mask_token_id=mask_token_id)
+    prompt_generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompts = random_tokens((args.batch, args.prompt_len), vocab_size, mask_token_id, prompt_generator, device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"# size={args.size} device={device} ({hardware}) dtype={dtype} batch={args.batch} "
+        f"prompt_len={args.prompt_len} gen_len={args.gen_len} block={args.block} temperature={args.temperature} "
+        f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab_size}"
+    )
+    results = []
+    for sampler in args.samplers:
+        results.append(bench_sampler(sampler, backbone, prompts, vocab_size, args, device))
+        print(f"# done: {sampler}", flush=True)
+    print(markdown_table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
