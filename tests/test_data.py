@@ -123,15 +123,19 @@ class TestMath500:
 
 
 class TestCountdown:
+    def test_local_files_are_the_requested_split(self):
+        rows = load_countdown("test", data_files=COUNTDOWN, num_numbers=3, chat=False)
+        assert len(rows) == 8  # no held-out slicing of local files unless test_size is given
+
     def test_all_rows_without_held_out_slice(self):
-        rows = load_countdown("train", data_files=COUNTDOWN, test_size=None, chat=False)
+        rows = load_countdown("train", data_files=COUNTDOWN, test_size=0, chat=False)
         assert rows.column_names == ["prompt", "target", "nums"]
         assert len(rows) == 10
         assert rows[0]["target"] == 24 and rows[0]["nums"] == [2, 3, 4]
         assert "2, 3, 4" in rows[0]["prompt"] and "24" in rows[0]["prompt"]
 
     def test_three_number_filter(self):
-        rows = load_countdown("train", data_files=COUNTDOWN, test_size=None, num_numbers=3)
+        rows = load_countdown("train", data_files=COUNTDOWN, num_numbers=3)
         assert len(rows) == 8 and all(len(nums) == 3 for nums in rows["nums"])
 
     def test_held_out_split_is_disjoint_and_deterministic(self):
@@ -201,7 +205,15 @@ class TestTaskRegistry:
         assert "prompt" in rows.column_names and answer_column in rows.column_names
         batch = rows[:]
         for reward in task.reward_funcs:  # as TRL calls them: every dataset column as a keyword
-            scores = reward(rows["prompt"], ["no answer"] * len(rows), None, nfe=[1] * len(rows), **batch)
+            columns = {key: value for key, value in batch.items() if key != "prompt"}  # TRL drops "prompt"
+            scores = reward(
+                prompts=rows["prompt"],
+                completions=["no answer"] * len(rows),
+                completion_ids=[[0]] * len(rows),
+                nfe=[1] * len(rows),
+                trainer_state=None,
+                **columns,
+            )
             assert len(scores) == len(rows) and all(score is not None for score in scores)
 
     def test_countdown_defaults_to_three_numbers(self):

@@ -123,7 +123,7 @@ def load_countdown(
     path: str = COUNTDOWN_PATH,
     data_files: str | Sequence[str] | None = None,
     num_numbers: int | None = None,
-    test_size: int | None = COUNTDOWN_TEST_SIZE,
+    test_size: int | None = None,
     split_seed: int = COUNTDOWN_SPLIT_SEED,
     tokenizer: Any = None,
     chat: bool | None = None,
@@ -133,14 +133,18 @@ def load_countdown(
     """Countdown (``Jiayi-Pan/Countdown-Tasks-3to4``): columns ``prompt``, ``target`` (int), ``nums`` (list of int).
 
     Args:
-        split: ``"train"`` or ``"test"``. The Hub dataset has one split; with ``test_size`` set, a seeded slice of
-            ``test_size`` rows (after the ``num_numbers`` filter) is ``"test"`` and the rest ``"train"``. With
-            ``test_size=None`` the split name is passed to the dataset as is.
+        split: ``"train"`` or ``"test"``. The Hub dataset has one split, so by default a seeded slice of
+            :data:`COUNTDOWN_TEST_SIZE` rows (after the ``num_numbers`` filter) is ``"test"`` and the rest ``"train"``.
         num_numbers: keep only instances with this many numbers (d1 uses 3); None keeps all.
-        test_size, split_seed: the held-out slice (see ``split``).
+        test_size: rows of the held-out ``"test"`` slice. None (default): :data:`COUNTDOWN_TEST_SIZE` for the Hub,
+            no slicing for ``data_files`` (the files *are* the requested split). 0: no slicing, ``split`` is passed
+            to the dataset as is.
+        split_seed: seed of the held-out slice.
     """
     source = f"Countdown ({data_files or path})"
     if test_size is None:
+        test_size = 0 if data_files is not None else COUNTDOWN_TEST_SIZE
+    if not test_size:
         raw = load_raw(path, split, data_files=data_files)
     else:
         if split not in ("train", "test"):
@@ -149,11 +153,11 @@ def load_countdown(
     _require_columns(raw, ("target", "nums"), source)
     if num_numbers is not None:
         raw = raw.filter(lambda row: len(row["nums"]) == num_numbers)
-    if test_size is not None:
+    if test_size:
         if not 0 < test_size < len(raw):
             raise ValueError(
                 f"load_countdown: test_size={test_size} must be between 1 and {len(raw) - 1} (the {source} rows "
-                "left after filtering); lower it or pass test_size=None."
+                "left after filtering); lower it or pass test_size=0."
             )
         raw = raw.train_test_split(test_size=test_size, seed=split_seed)[split]
     raw = _limit(raw, num_examples)
