@@ -446,7 +446,8 @@ class HeadTrainer(Trainer):
         rewards = (inputs["input_ids"][:, -1] % 2).float()
         advantages = callback.sampler_advantages(rewards, nfe, TRAINER_GEN_LENGTH, TRAINER_GROUP)
         head_loss, _ = callback.head_loss(prompt_hidden, threshold, advantages)
-        return policy_loss + head_loss
+        loss = policy_loss + head_loss
+        return (loss, {}) if return_outputs else loss
 
 
 class ResumeProbe(TrainerCallback):
@@ -460,7 +461,7 @@ class ResumeProbe(TrainerCallback):
         self.optimizer_state = copy.deepcopy(optimizer.state_dict())  # the live state changes in place later
 
 
-def make_trainer(tokenizer, output_dir, use_peft: bool, max_steps: int = 4):
+def make_trainer(tokenizer, output_dir, use_peft: bool, max_steps: int = 4, **arg_overrides):
     model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=2)
     if use_peft:
         from peft import LoraConfig, get_peft_model
@@ -481,9 +482,13 @@ def make_trainer(tokenizer, output_dir, use_peft: bool, max_steps: int = 4):
         disable_tqdm=True,
         remove_unused_columns=False,
         logging_steps=100,
+        **arg_overrides,
     )
     callback = SamplerHeadCallback(mode="joint", nfe_penalty=1.0, mlp_hidden_size=8, head_learning_rate=0.05)
-    trainer = HeadTrainer(model=model, args=args, train_dataset=data, sampler_head_callback=callback)
+    eval_data = data[:8] if args.eval_strategy != "no" else None
+    trainer = HeadTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=eval_data, sampler_head_callback=callback
+    )
     return trainer, callback
 
 
@@ -717,3 +722,19 @@ def test_diffpo_sampler_only_trains_the_head_and_leaves_the_dllm_untouched(char_
     trainer.train()
     assert all(torch.equal(p, dllm_before[n]) for n, p in trainer.model.named_parameters() if n in dllm_before)
     assert any(not torch.equal(p, head_before[n]) for n, p in callback.head.named_parameters())
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_head(char_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer, callback = make_trainer(
+        char_tokenizer, tmp_path, use_peft=False, max_steps=6, eval_strategy="steps", eval_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True, label_names=["input_ids"],
+        prediction_loss_only=True,
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # the test needs a best that is not the last
+    assert callback.restored_from == best
+    for name, value in load_file(os.path.join(best, HEAD_WEIGHTS_NAME)).items():
+        assert torch.equal(callback.head.state_dict()[name], value), name

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbones import unwrap_model
 from .samplers import ADAPTIVE_SAMPLERS, CONFIDENCE_THRESHOLD, ENTROPY_BOUNDED
@@ -52,6 +53,8 @@ ADVANTAGE_STD_EPS = 1e-4
 # entropy bound of 0.1 nats. Confidence threshold: Fast-dLLM's 0.9.
 DEFAULT_THRESHOLD_RANGES = {ENTROPY_BOUNDED: (0.0, 1.0, 0.1), CONFIDENCE_THRESHOLD: (0.5, 1.0, 0.9)}
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+# Threshold batches remembered for the correlation metrics until the next `sampler_advantages` call.
+_MAX_BUFFERED_DRAWS = 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -761,15 +764,26 @@ class SamplerHeadCallback(TrainerCallback):
         (module, fp32 master weights and optimizer state) already contains the head.
         """
         load_from_checkpoint = getattr(trainer, "_load_from_checkpoint", None)
-        if not callable(load_from_checkpoint):
-            return
+        if callable(load_from_checkpoint):
 
-        def load_from_checkpoint_with_head(resume_from_checkpoint, *args, **kwargs):
-            result = load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
-            self.restore_head(resume_from_checkpoint)
-            return result
+            def load_from_checkpoint_with_head(resume_from_checkpoint, *args, **kwargs):
+                result = load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
+                self.restore_head(resume_from_checkpoint)
+                return result
 
-        trainer._load_from_checkpoint = load_from_checkpoint_with_head
+            trainer._load_from_checkpoint = load_from_checkpoint_with_head
+
+        load_best_model = getattr(trainer, "_load_best_model", None)  # `load_best_model_at_end=True`
+        if callable(load_best_model):
+
+            def load_best_model_with_head(*args, **kwargs):
+                result = load_best_model(*args, **kwargs)
+                best = getattr(trainer.state, "best_model_checkpoint", None)
+                if best is not None and not getattr(trainer, "is_deepspeed_enabled", False):
+                    self.restore_head(best)
+                return result
+
+            trainer._load_best_model = load_best_model_with_head
 
     def restore_head(self, checkpoint_folder: str | os.PathLike) -> bool:
         """Load the head's weights from ``checkpoint_folder`` in place; ``False`` (logged, counted) when it has none."""
@@ -834,6 +848,7 @@ class SamplerHeadCallback(TrainerCallback):
         self._noise_draws += 1
         threshold = head.sample(prompt_hidden, generator=generator)
         self._drawn_thresholds.append(threshold.detach().float().cpu())
+        del self._drawn_thresholds[:-_MAX_BUFFERED_DRAWS]  # used outside a trainer: keep the buffer bounded
         return threshold
 
     def sampler_advantages(
@@ -989,6 +1004,6 @@ class SamplerHeadCallback(TrainerCallback):
         """Write the head into the ``checkpoint-N/`` folder the Trainer just saved."""
         if self.head is None:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder) or not self._should_write():
             self.save_head(folder)
