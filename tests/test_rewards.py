@@ -225,7 +225,7 @@ class TestMathVerifier:
         finally:
             verifier.close()
         assert scores == [0.0, 1.0]
-        assert logged == [("logged/verifier_timeouts", 1.0)]
+        assert logged == [("rewards/logged/verifier_timeouts", 1.0)]
 
     def test_over_long_answer_is_rejected_without_parsing(self, verifier):
         before = verifier.stats["too_long"]

@@ -17,7 +17,7 @@ def make_math_accuracy_reward(
     The prediction is the ``\\boxed{}`` inside the last ``<answer>`` block, else that block's text, else the last
     ``\\boxed{}`` (see :func:`~trl_diffpo.rewards.extraction.extract_math_answer`); no answer scores 0.0. The gold
     answer may be GSM8K's raw ``"...#### 42"``. Rows without an ``answer`` get None. When TRL passes ``log_metric``,
-    the number of verifier timeouts in the batch is logged as ``<name>/verifier_timeouts``.
+    the number of verifier timeouts in the batch is logged as ``rewards/<name>/verifier_timeouts``.
 
     Args:
         verifier: the :class:`MathVerifier` to use; default: the process-wide one (5 s per item).
@@ -38,7 +38,7 @@ def make_math_accuracy_reward(
         rewards = score_completions(name, completions, score, {"answer": answer})
         log_metric = kwargs.get("log_metric")  # TRL >= 1.16 passes a scalar logger to reward functions
         if callable(log_metric):
-            log_metric(f"{name}/verifier_timeouts", float(judge.stats["timeouts"] - timeouts_before))
+            log_metric(f"rewards/{name}/verifier_timeouts", float(judge.stats["timeouts"] - timeouts_before))
         return rewards
 
     reward.__name__ = reward.__qualname__ = name
