@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trl_diffpo.backbones import get_backbone
@@ -110,6 +112,22 @@ def test_threshold_u_map_is_invertible_within_the_bound():
     assert head.u_from_threshold(torch.tensor([1.0, 0.5])).tolist() == [U_BOUND, -U_BOUND]
     with pytest.raises(ValueError, match="non-finite threshold"):
         head.u_from_threshold(torch.tensor([float("nan")]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    low=st.floats(0.0, 5.0),
+    width=st.floats(0.1, 50.0),
+    u=st.floats(-U_BOUND, U_BOUND),
+)
+def test_threshold_u_round_trip_property(low, width, u):
+    head = make_head(threshold_min=low, threshold_max=low + width, init_threshold=low + width / 2)
+    threshold = head.threshold_from_u(torch.tensor([u]))
+    assert low <= threshold.item() <= low + width
+    slope = width * torch.sigmoid(torch.tensor(u, dtype=torch.float64)).item() * (1 - torch.sigmoid(torch.tensor(u)))
+    float32_spacing = torch.finfo(torch.float32).eps * (low + width)  # the rounding of a float32 threshold
+    tolerance = 2 * float32_spacing / slope.item() + 1e-5
+    assert abs(head.u_from_threshold(threshold).item() - u) <= tolerance
 
 
 def test_log_prob_matches_a_normal_density_over_u():
