@@ -7,8 +7,10 @@ later forwards may carry fewer rows) as bare backbone forwards. The sampler over
     overhead = (generate time - bare forward time) / bare forward time
 
 i.e. everything the engine does besides the model itself: distributions, Gumbel noise, selection, trace bookkeeping,
-host synchronisation. Times are medians over ``--repeats`` runs after one warm-up run; on CUDA they are taken with
-CUDA events after ``torch.cuda.synchronize()``.
+host synchronisation. Each sampler runs once to warm up and record the forward shapes, then ``--repeats`` times the
+generate and the bare forwards, interleaved; the minimum of each is reported (the least disturbed run). On CUDA the
+times come from CUDA events after ``torch.cuda.synchronize()``; on a CPU from the wall clock or, with
+``--clock process``, the process CPU time (use it with ``--threads 1`` on a machine shared with other jobs).
 
 Sizes (random weights, nothing is downloaded):
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -138,8 +139,9 @@ class RecordingBackbone(DiffusionBackbone):
         return super().forward(input_ids, attention_mask, output_hidden_states)
 
 
-def timed(fn, device: torch.device) -> float:
-    """Wall time of ``fn()`` in seconds; CUDA events around it on a GPU."""
+def timed(fn, device: torch.device, clock: str = "wall") -> float:
+    """Time of ``fn()`` in seconds: CUDA events on a GPU; on a CPU the wall clock, or with ``clock="process"`` the
+    process CPU time (robust on a shared machine when torch runs on one thread)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -148,9 +150,10 @@ def timed(fn, device: torch.device) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000.0
-    start_time = time.perf_counter()
+    now = time.process_time if clock == "process" else time.perf_counter
+    start_time = now()
     fn()
-    return time.perf_counter() - start_time
+    return now() - start_time
 
 
 def sampler_options(sampler: str, args) -> dict:
@@ -179,7 +182,6 @@ def bench_sampler(sampler, backbone, prompts, vocab_size, args, device) -> Sampl
     recorder = RecordingBackbone(backbone)
     output = run(recorder)  # warm-up, and the forward shapes to replay
     rows_per_forward = recorder.rows_per_forward
-    generate_times = [timed(lambda: run(backbone), device) for _ in range(args.repeats)]
 
     canvas_length = prompts.shape[1] + args.gen_len
     token_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -193,9 +195,12 @@ def bench_sampler(sampler, backbone, prompts, vocab_size, args, device) -> Sampl
                 backbone(bare_ids[:rows])
 
     bare_forwards()  # warm-up
-    forward_times = [timed(bare_forwards, device) for _ in range(args.repeats)]
+    generate_times, forward_times = [], []
+    for _ in range(args.repeats):  # interleaved, so that both see the same machine load
+        generate_times.append(timed(lambda: run(backbone), device, args.clock))
+        forward_times.append(timed(bare_forwards, device, args.clock))
 
-    generate_s, forwards_s = statistics.median(generate_times), statistics.median(forward_times)
+    generate_s, forwards_s = min(generate_times), min(forward_times)
     return SamplerResult(
         sampler=sampler,
         options=", ".join(f"{key}={value}" for key, value in options.items()),
@@ -241,6 +246,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="CPU only: wall time, or process CPU time (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -259,7 +270,7 @@ def main(argv=None) -> list[SamplerResult]:
     print(
         f"# size={args.size} device={device} ({hardware}) dtype={dtype} batch={args.batch} "
         f"prompt_len={args.prompt_len} gen_len={args.gen_len} block={args.block} temperature={args.temperature} "
-        f"repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab_size}"
+        f"repeats={args.repeats} clock={args.clock if device.type == 'cpu' else 'cuda-events'} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab_size}"
     )
     results = []
     for sampler in args.samplers:
