@@ -4,19 +4,17 @@ Each returns one float per completion (None where its answer columns are missing
 that row), accepts plain-text or conversational completions, ignores extra keyword arguments (``nfe``,
 ``threshold``, ``trainer_state``, other columns), never raises on model output, never hangs and never ``eval``s.
 
-==========================  ===================  ===========================================================
-reward                      reads columns        value
-==========================  ===================  ===========================================================
-``gsm8k_accuracy_reward``   ``answer``           1.0 if the final answer equals the gold (math_verify)
-``math_accuracy_reward``    ``answer``           same, for MATH-style LaTeX answers
-``countdown_reward``        ``target``, ``nums``  1.0 correct, 0.1 well-formed but wrong, 0.0 otherwise
-``countdown_accuracy_reward`` ``target``, ``nums``  1.0 correct, else 0.0
-``sudoku_reward``           ``puzzle`` (+``solution``)  fraction of blanks filled correctly
-``sudoku_strict_reward``    ``puzzle``           1.0 for a complete valid grid keeping the givens
-``strict_format_reward``    --                   1.0 for exactly ``<reasoning>…</reasoning><answer>…</answer>``
-``soft_format_reward``      --                   1.0 if the four tags appear in order
-``xml_count_reward``        --                   0.25 per tag used once, minus a trailing-text penalty
-==========================  ===================  ===========================================================
+- ``gsm8k_accuracy_reward`` / ``math_accuracy_reward`` (column ``answer``): 1.0 if the final answer equals the gold
+  answer according to math_verify (run in a time-bounded worker process, see :class:`MathVerifier`);
+- ``countdown_reward`` (``target``, ``nums``): 1.0 correct, 0.1 well formed but wrong, 0.0 otherwise;
+  ``countdown_accuracy_reward``: 1.0 correct, else 0.0;
+- ``sudoku_reward`` (``puzzle``, optional ``solution``): fraction of blanks filled correctly;
+  ``sudoku_strict_reward`` (``puzzle``): 1.0 for a complete valid grid keeping the givens;
+- ``strict_format_reward``: 1.0 for exactly ``<reasoning>...</reasoning><answer>...</answer>``;
+  ``soft_format_reward``: 1.0 if the four tags appear in order; ``xml_count_reward``: 0.25 per tag used once, minus a
+  trailing-text penalty.
+
+The extraction rules are in :mod:`trl_diffpo.rewards.extraction` and docs/tasks.md.
 """
 
 from ._base import REWARD_FALLBACKS
