@@ -12,8 +12,9 @@ inherits no CUDA context, NCCL communicator, locks or threads of the trainer, ne
 ``multiprocessing`` "spawn"), and only imports the standard library and ``math_verify``. The parent side uses no
 signals; a daemon reader thread only moves lines from the pipe into a queue. On Linux the worker asks the kernel to
 kill it when its parent dies, and its address space is capped (``worker_memory_mb``), so a runaway computation can
-neither outlive the trainer nor exhaust the node's memory. Calls are serialised by a lock, so the
-verifier may be shared by threads. After ``os.fork`` a child process starts its own worker (the pid is checked).
+neither outlive the trainer nor exhaust the node's memory (that kernel signal fires when the *thread* that started
+the worker exits; the next call then simply starts a new worker). Calls are serialised by a lock, so the verifier may
+be shared by threads. After ``os.fork`` a child process starts its own worker (the pid is checked).
 """
 
 from __future__ import annotations
