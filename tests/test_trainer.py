@@ -510,3 +510,19 @@ def test_completion_tensors_padded_beyond_the_canvas(tokenizer, tmp_path):
     inputs = trainer._buffered_inputs[0]
     assert inputs["completion_ids"].shape[1] == 16 and inputs["diffpo_unmask_step"].shape[1] == 8
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_rollouts_and_draws_are_reproducible_from_the_seeds(tokenizer, tmp_path):
+    def first_batch(**overrides):
+        trainer = make_trainer(tokenizer, tmp_path, max_steps=1, num_iterations=2, learning_rate=0.0, **overrides)
+        trainer.train()
+        return trainer._buffered_inputs[0]
+
+    first, again = first_batch(), first_batch()
+    for key in ("diffpo_sequences", "diffpo_unmask_step", "diffpo_stage_starts", "diffpo_prompt_noise"):
+        assert torch.equal(first[key], again[key]), key
+    other = first_batch(surrogate_seed=123)
+    assert torch.equal(first["diffpo_sequences"], other["diffpo_sequences"]), (
+        "the surrogate seed must not move rollouts"
+    )
+    assert not torch.equal(first["diffpo_stage_starts"], other["diffpo_stage_starts"])
