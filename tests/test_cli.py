@@ -97,6 +97,16 @@ def test_accelerate_configs_load(config_path):
         assert config.num_machines == 2 and config.num_processes == 16
 
 
+def test_launcher_script_help_and_unknown_config():
+    script = ROOT / "examples" / "train_diffpo.sh"
+    shown = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "ACCELERATE_CONFIG" in shown.stdout
+    refused = subprocess.run(
+        ["bash", str(script), str(TINY), "no_such_config"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "zero2" in refused.stderr  # lists the shipped configs
+
+
 def test_deepspeed_is_an_optional_extra():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
