@@ -615,3 +615,8 @@ def test_generator_on_another_device_warns_once(model, batch, caplog, monkeypatc
             generate(model, batch, sampler="random", steps=8, generator=MetaLikeGenerator())
     warnings = [record for record in caplog.records if "generator is on meta" in record.getMessage()]
     assert len(warnings) == 1 and "torch.Generator(device='cpu')" in warnings[0].getMessage()
+
+
+def test_mask_token_id_outside_the_vocabulary_is_a_clear_error(model, batch):
+    with pytest.raises(ValueError, match="mask_token_id=500 is outside the model's vocabulary"):
+        generate(model, batch, sampler="low_confidence", steps=8, mask_token_id=500)

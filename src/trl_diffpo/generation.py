@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbones import DiffusionBackbone, get_backbone
+from .backbones import DiffusionBackbone, get_backbone, unwrap_model
 from .samplers import (
     ADAPTIVE_SAMPLERS,
     CONFIDENCE_THRESHOLD,
@@ -176,6 +176,23 @@ def _uniform(shape, generator: torch.Generator, device: torch.device) -> torch.T
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
+def _check_mask_in_vocabulary(backbone: DiffusionBackbone, mask_id: int) -> None:
+    """A [MASK] id past the input embeddings would fail deep inside the model with an opaque index error."""
+    base = unwrap_model(backbone.model)
+    base = base.get_base_model() if callable(getattr(base, "get_base_model", None)) else base
+    get_embeddings = getattr(base, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    num_embeddings = getattr(embeddings, "num_embeddings", None)
+    if num_embeddings is not None and not 0 <= mask_id < num_embeddings:
+        raise ValueError(
+            f"mask_token_id={mask_id} is outside the model's vocabulary ({num_embeddings} input embeddings): pass the "
+            "[MASK] id of this model's tokenizer."
+        )
+
+
 def _warn_generator_device(generator_device: torch.device, device: torch.device) -> None:
     """Noise follows the generator's device (reproducibility), so a CPU generator with a GPU model draws every step's
     ``(rows, block, vocab)`` noise on the CPU and copies it over: correct, but slow. Warn once per device pair."""
@@ -260,6 +277,7 @@ def diffusion_generate(
     backbone = model if isinstance(model, DiffusionBackbone) else get_backbone(model, mask_token_id=mask_token_id)
     mask_id = backbone.mask_token_id if mask_token_id is None else int(mask_token_id)
     num_blocks, steps_per_block = _check_options(gen_length, block_length, sampler, steps, temperature)
+    _check_mask_in_vocabulary(backbone, mask_id)
     if threshold_fn is not None and sampler not in ADAPTIVE_SAMPLERS:
         raise ValueError(f"threshold_fn only applies to the adaptive samplers {ADAPTIVE_SAMPLERS}, not {sampler!r}.")
     device = input_ids.device
