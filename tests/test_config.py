@@ -22,7 +22,7 @@ def test_defaults_reproduce_diffpo_on_d1(tmp_path):
     assert config.p_mask_prompt == 0.15 and config.beta == 0.04 and config.epsilon == 0.5
     assert config.num_iterations == 12 and config.num_generations == 6 and config.learning_rate == 3e-6
     assert config.per_device_train_batch_size == 6
-    assert config.scale_rewards == "none" and config.loss_type == "grpo"
+    assert config.scale_rewards == "none" and config.loss_type == "grpo" and not config.use_bias_correction_kl
     assert config.disable_dropout and not config.vllm_importance_sampling_correction and not config.use_vllm
 
 

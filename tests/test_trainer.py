@@ -132,16 +132,21 @@ def tokenizer():
 # ------------------------------------------------------------------------------------------- the first step exactly
 
 
-def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer, tmp_path):
+@pytest.mark.parametrize("bias_corrected_kl", [False, True])
+def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer, tmp_path, bias_corrected_kl):
     beta = 0.04
     trainer = make_trainer(
         tokenizer, tmp_path, prompts=["1+2="], per_device_train_batch_size=2, gradient_accumulation_steps=1,
         num_iterations=1, max_steps=1, beta=beta, loss_type="grpo", max_grad_norm=0.0, p_mask_prompt=0.3,
-        temperature=0.9, is_clamp=1.0,
+        temperature=0.9, is_clamp=1.0, use_bias_correction_kl=bias_corrected_kl,
     )  # fmt: skip
     # A fresh copy (not `deepcopy(trainer.model)`: TRL's patched `forward` would still call the trained model).
     initial = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1)
     initial.load_state_dict(trainer.model.state_dict())
+    with torch.no_grad():  # move the reference away from the policy so that the KL term has a gradient
+        generator = torch.Generator().manual_seed(0)
+        for parameter in trainer.ref_model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     seen = {}
     compute_loss = trainer.compute_loss
 
@@ -183,14 +188,17 @@ def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer
     ref = inputs["diffpo_ref_logps"][:, 0, :width]
     ratio = torch.exp(logps - logps.detach())
     kl = torch.exp(ref - logps) - (ref - logps) - 1
+    if bias_corrected_kl:  # TRL's option: the KL term times the (differentiable) policy ratio, not the IS weight
+        kl = kl * ratio
     per_token = -ratio * weight * inputs["advantages"][:, None] + beta * kl
     loss = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
     loss.backward()
     expected = {n: p.grad for n, p in initial.named_parameters() if p.grad is not None}
     assert set(expected) == set(seen["grads"])
     for name, grad in expected.items():
-        torch.testing.assert_close(seen["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(seen["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.isclose(torch.tensor(logged(trainer, "loss")[0]), loss.detach(), atol=1e-6)
+    assert logged(trainer, "kl")[0] > 0 and (weight < 1).any() and (weight == 1.0).any(), "KL and clamp are exercised"
 
 
 # --------------------------------------------------------------------------------- draws shared by old / ref / current

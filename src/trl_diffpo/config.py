@@ -26,7 +26,8 @@ class DiffpoConfig(GRPOConfig):
     low-confidence steps at temperature 0.9, prompt masking 0.15, two-stage mean-field surrogate with token-level
     importance-sampling correction, `beta=0.04`, `epsilon=0.5`, 12 inner iterations, 6 generations per prompt (and 6
     completions per device and step),
-    advantage = reward - group mean (`scale_rewards="none"`) and sequence-normalised `loss_type="grpo"`.
+    advantage = reward - group mean (`scale_rewards="none"`), sequence-normalised `loss_type="grpo"` and a plain KL
+    term (`use_bias_correction_kl=False`).
 
     Generation reuses GRPO's `max_completion_length` (the diffusion canvas length) and `temperature` (0 = greedy, the
     policy distribution is `softmax(logits / temperature)` for sampling and training alike).
@@ -101,6 +102,13 @@ class DiffpoConfig(GRPOConfig):
         metadata={
             "help": "Disable dropout, so that rollouts, old, reference and current log-probs use the same function "
             "(the IS weight compares them)."
+        },
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the KL term by the policy ratio (TRL's default, DeepSeek-V3.2). Off by default, as in d1 "
+            "and DiFFPO."
         },
     )
     vllm_importance_sampling_correction: bool = field(
