@@ -196,26 +196,79 @@ def test_sampler_advantages_reject_bad_shapes():
         callback.sampler_advantages(torch.zeros(8), torch.zeros(6), 8, 4)
 
 
-def test_head_loss_is_the_reinforce_objective_and_reports_metrics():
-    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5, head_loss_weight=0.3)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_head_loss_is_the_policy_gradient_objective_and_reports_metrics(clip):
+    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5, head_loss_weight=0.3, head_clip_epsilon=clip)
     head = callback.init_head(HIDDEN)
     prompt_hidden = torch.randn(6, HIDDEN)
     threshold = callback.threshold_fn(prompt_hidden)
     advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
     loss, metrics = callback.head_loss(prompt_hidden, threshold, advantages)
-    expected = -(advantages * head.log_prob(prompt_hidden, threshold)).mean()
+    if clip is None:  # REINFORCE
+        expected = -(advantages * head.log_prob(prompt_hidden, threshold)).mean()
+    else:  # PPO with the head that drew the rows: ratio 1
+        expected = -advantages.mean()
+        assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clipped_frac"] == 0.0
     assert torch.allclose(loss, 0.3 * expected)
     assert metrics["loss"] == pytest.approx(expected.item())  # logged unweighted
     assert metrics["threshold_mean"] == pytest.approx(threshold.mean().item())
     assert metrics["threshold_max"] == pytest.approx(threshold.max().item())
     assert metrics["predicted_threshold_mean"] == pytest.approx(0.1, abs=1e-5)
     assert set(metrics) >= {"loss", "threshold_std", "threshold_min", "sigma"}
-    # the gradient of the mean: d loss / d bias = -mean(A * (u - mu) / sigma^2)
+    # the same gradient either way: d loss / d bias = -weight * mean(A * (u - mu) / sigma^2)
     loss.backward()
     u = head.u_from_threshold(threshold)
     mu = head(prompt_hidden).detach()
     expected_grad = -0.3 * (advantages * (u - mu) / 0.25).mean()
     assert head.mlp[-1].bias.grad.item() == pytest.approx(expected_grad.item(), rel=1e-4)
+
+
+def test_clipped_head_loss_on_a_reused_batch_matches_reference():
+    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5, head_loss_weight=1.0, head_clip_epsilon=0.2)
+    head = callback.init_head(HIDDEN)
+    prompt_hidden = torch.randn(8, HIDDEN)
+    threshold = callback.threshold_fn(prompt_hidden)
+    behaviour = SamplerHead(head.config)
+    behaviour.load_state_dict(head.state_dict())
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5, 1.5, -2.0])
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    for _ in range(3):  # three passes over the same rollouts (num_iterations = 3)
+        loss, metrics = callback.head_loss(prompt_hidden, threshold, advantages)
+        with torch.no_grad():  # slow reference, row by row
+            terms = []
+            for row in range(8):
+                ratio = math.exp(
+                    head.log_prob(prompt_hidden[row : row + 1], threshold[row : row + 1]).item()
+                    - behaviour.log_prob(prompt_hidden[row : row + 1], threshold[row : row + 1]).item()
+                )
+                a = advantages[row].item()
+                terms.append(min(ratio * a, min(max(ratio, 0.8), 1.2) * a))
+        assert loss.item() == pytest.approx(-sum(terms) / 8, rel=1e-5, abs=1e-6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert metrics["ratio_mean"] != pytest.approx(1.0)  # the head moved between passes
+
+
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_clipping_bounds_how_far_one_batch_moves_the_head(clip):
+    callback = SamplerHeadCallback(mlp_hidden_size=8, sigma=0.5, head_clip_epsilon=clip, init_threshold=0.5)
+    head = callback.init_head(HIDDEN)
+    prompt_hidden = torch.randn(16, HIDDEN, generator=torch.Generator().manual_seed(0))
+    threshold = callback.threshold_fn(prompt_hidden)
+    advantages = torch.where(threshold > 0.5, 1.0, -1.0)  # larger thresholds were better in this batch
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(40):  # many passes over one batch
+        loss, metrics = callback.head_loss(prompt_hidden, threshold, advantages)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = (head.predict_threshold(prompt_hidden) - 0.5).abs().mean().item()
+    if clip is None:
+        assert moved > 0.4  # REINFORCE keeps fitting the one batch: its thresholds run to the ends of the range
+    else:
+        assert 0.02 < moved < 0.15  # moved, then stopped once the ratios hit the clip
+        assert metrics["clipped_frac"] > 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -747,9 +800,9 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_head(char_tokenize
 
     trainer, callback = make_trainer(
         char_tokenizer, tmp_path, use_peft=False, max_steps=6, eval_strategy="steps", eval_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True, label_names=["input_ids"],
-        prediction_loss_only=True,
+        load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
     )  # fmt: skip
+    trainer.evaluate = lambda *args, **kwargs: {"eval_score": -float(trainer.state.global_step)}  # best: step 2
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-6")  # the test needs a best that is not the last

@@ -579,6 +579,12 @@ class SamplerHeadCallback(TrainerCallback):
             silently shrink the dLLM's updates. Adam-type optimizers are invariant to this factor for the head's own
             step (``head_learning_rate`` sets that), so the default 0.01 only keeps the head out of the clipping.
             The logged ``loss`` metric is the unweighted loss.
+        head_clip_epsilon: PPO clipping of the head's update: the loss is
+            ``-mean(min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i))`` with ``rho_i`` the ratio of the head's
+            current density of ``u_i`` to the density of the head that drew it (a frozen copy taken when the rollouts
+            are drawn). Its gradient equals REINFORCE's on the first pass over a batch and stops the head from
+            drifting further once it has moved ``eps`` away on the later passes (TRL's ``num_iterations > 1``).
+            ``None``: plain REINFORCE ``-mean(A_i log N(u_i; mu, sigma^2))``.
         pretrained_head: a folder or Hub id of a saved head to start from (e.g. ``sampler_only`` after ``joint``).
         seed: seed of the exploration noise (default: the trainer's ``args.seed``). The noise of each threshold draw is
             derived from ``(seed, process index, global step, draw index)``: a resumed run draws what the
@@ -597,6 +603,7 @@ class SamplerHeadCallback(TrainerCallback):
         scale_advantages: bool = True,
         head_learning_rate: float | None = 1e-3,
         head_loss_weight: float = 0.01,
+        head_clip_epsilon: float | None = 0.2,
         pretrained_head: str | os.PathLike | None = None,
         seed: int | None = None,
         **head_kwargs,
@@ -612,6 +619,8 @@ class SamplerHeadCallback(TrainerCallback):
             raise ValueError(f"head_learning_rate must be a number > 0 or None, got {head_learning_rate}.")
         if not (math.isfinite(head_loss_weight) and head_loss_weight > 0):
             raise ValueError(f"head_loss_weight must be a finite number > 0, got {head_loss_weight}.")
+        if head_clip_epsilon is not None and not (math.isfinite(head_clip_epsilon) and 0 < head_clip_epsilon < 1):
+            raise ValueError(f"head_clip_epsilon must be in (0, 1) or None, got {head_clip_epsilon}.")
         if isinstance(head_config, SamplerHeadConfig):
             head_config = head_config.to_dict()
         overrides = dict(head_config or {})
@@ -624,6 +633,7 @@ class SamplerHeadCallback(TrainerCallback):
         self.scale_advantages = bool(scale_advantages)
         self.head_learning_rate = head_learning_rate
         self.head_loss_weight = float(head_loss_weight)
+        self.head_clip_epsilon = head_clip_epsilon
         self.pretrained_head = pretrained_head
         self.seed = seed
         self.head_overrides = overrides
@@ -635,6 +645,9 @@ class SamplerHeadCallback(TrainerCallback):
         self._noise_step = -1
         self._noise_draws = 0
         self._drawn_thresholds: list[torch.Tensor] = []
+        self._behaviour_head: SamplerHead | None = None  # frozen copy of the head that drew the current rollouts
+        self._behaviour_sigma: float | None = None
+        self._scored_since_snapshot = True
 
     # -- building the head -------------------------------------------------------------------------------------------
 
@@ -846,10 +859,27 @@ class SamplerHeadCallback(TrainerCallback):
             _noise_seed(self.seed or 0, self.process_index, step, self._noise_draws)
         )
         self._noise_draws += 1
+        if self._scored_since_snapshot or self._behaviour_head is None:
+            self._snapshot_behaviour_head()
         threshold = head.sample(prompt_hidden, generator=generator)
         self._drawn_thresholds.append(threshold.detach().float().cpu())
         del self._drawn_thresholds[:-_MAX_BUFFERED_DRAWS]  # used outside a trainer: keep the buffer bounded
         return threshold
+
+    def _snapshot_behaviour_head(self) -> None:
+        """Freeze a copy of the head as it is when rollouts are drawn (the behaviour policy of the PPO ratio).
+
+        Taken at the first draw after the head was last scored: the head only changes through :meth:`head_loss` and
+        an optimizer step, so every draw until then comes from the same policy.
+        """
+        if self.head_clip_epsilon is None:
+            return
+        head = self.head
+        snapshot = SamplerHead(head.config).to(head.dtype)
+        load_head_weights(snapshot, head_state_dict(head), source="the live sampler head")
+        self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
+        self._behaviour_sigma = head.exploration_sigma
+        self._scored_since_snapshot = False
 
     def sampler_advantages(
         self, rewards: torch.Tensor, nfe: torch.Tensor, gen_length: int, num_generations: int
@@ -926,7 +956,12 @@ class SamplerHeadCallback(TrainerCallback):
     def head_loss(
         self, prompt_hidden: torch.Tensor, threshold: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """REINFORCE loss ``-head_loss_weight * mean(A_i * log N(u_i; mu(c_i), sigma^2))`` of a (micro-)batch's rows.
+        """Policy-gradient loss of the head on a (micro-)batch's rows, times ``head_loss_weight``.
+
+        With ``head_clip_epsilon`` (default) the PPO-clipped ``-mean(min(rho_i A_i, clip(rho_i, 1-eps, 1+eps) A_i))``,
+        ``rho_i = N(u_i; mu(c_i), sigma^2) / N(u_i; mu_old(c_i), sigma_old^2)`` against the head that drew the rows;
+        otherwise (or when no draw was seen, e.g. the first batch after a resume; counted) REINFORCE
+        ``-mean(A_i * log N(u_i; mu(c_i), sigma^2))``. Both have the same gradient while the head has not moved.
 
         Args:
             prompt_hidden: ``(b, hidden)`` pooled prompt hidden states the rows were decoded with (detached here).
@@ -934,8 +969,9 @@ class SamplerHeadCallback(TrainerCallback):
             advantages: ``(b,)`` from :meth:`sampler_advantages` (detached here).
 
         Returns:
-            ``(loss, metrics)``: a float32 scalar with gradient into the head only, and floats ``loss``,
-            ``threshold_mean/std/min/max`` (of the rows), ``predicted_threshold_mean`` (the policy mean) and ``sigma``.
+            ``(loss, metrics)``: a float32 scalar with gradient into the head only, and floats ``loss``
+            (unweighted), ``threshold_mean/std/min/max`` (of the rows), ``predicted_threshold_mean`` (the policy
+            mean), ``sigma`` and, with clipping, ``ratio_mean`` and ``clipped_frac``.
         """
         head = self._require_head()
         threshold = torch.as_tensor(threshold).float().flatten()
@@ -948,8 +984,22 @@ class SamplerHeadCallback(TrainerCallback):
         if prompt_hidden.shape[0] == 0:  # keep every head parameter in the graph (DDP expects gradients)
             loss = sum(parameter.sum() for parameter in head.parameters()) * 0.0
             return loss.float(), {"loss": 0.0, "sigma": head.exploration_sigma}
+        self._scored_since_snapshot = True
         log_prob = head.log_prob(prompt_hidden, threshold)
-        unweighted_loss = -(advantages.to(log_prob.device) * log_prob).mean()
+        advantages = advantages.to(log_prob.device)
+        extra: dict[str, float] = {}
+        if self.head_clip_epsilon is not None and self._behaviour_head is None:
+            self._count_fallback("head_loss_without_behaviour_head")
+        if self.head_clip_epsilon is not None and self._behaviour_head is not None:
+            with torch.no_grad():
+                behaviour = self._behaviour_head.log_prob(prompt_hidden, threshold, sigma=self._behaviour_sigma)
+            ratio = torch.exp(log_prob - behaviour.to(log_prob.device))
+            clipped = ratio.clamp(1 - self.head_clip_epsilon, 1 + self.head_clip_epsilon)
+            unweighted_loss = -torch.minimum(ratio * advantages, clipped * advantages).mean()
+            is_clipped = (ratio * advantages) > (clipped * advantages)
+            extra = {"ratio_mean": float(ratio.detach().mean()), "clipped_frac": float(is_clipped.float().mean())}
+        else:
+            unweighted_loss = -(advantages * log_prob).mean()
         with torch.no_grad():
             predicted = head.predict_threshold(prompt_hidden)
         metrics = {
@@ -960,6 +1010,7 @@ class SamplerHeadCallback(TrainerCallback):
             "threshold_max": float(threshold.max()),
             "predicted_threshold_mean": float(predicted.mean()),
             "sigma": head.exploration_sigma,
+            **extra,
         }
         return self.head_loss_weight * unweighted_loss, metrics
 
