@@ -234,31 +234,31 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=0)
-    args = DiffpoConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        per_device_train_batch_size=PER_DEVICE_BATCH,
-        num_generations=NUM_GENERATIONS,
-        max_completion_length=16,
-        block_length=8,
-        sampler="entropy_bounded",
-        threshold=0.5,
-        temperature=0.9,
-        num_iterations=1,
-        beta=0.0,
-        max_steps=TRAIN_STEPS,
-        learning_rate=1e-2,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
+    config = {
+        "per_device_train_batch_size": PER_DEVICE_BATCH,
+        "num_generations": NUM_GENERATIONS,
+        "max_completion_length": 16,
+        "block_length": 8,
+        "sampler": "entropy_bounded",
+        "threshold": 0.5,
+        "temperature": 0.9,
+        "num_iterations": 1,
+        "beta": 0.0,
+        "max_steps": TRAIN_STEPS,
+        "learning_rate": 1e-2,
+        "bf16": False,
+        "use_cpu": True,
+        "gradient_checkpointing": False,
         # DDP marks parameters outside the forward graph as unused; the head's loss is computed outside the model's
         # forward, so with find_unused_parameters=True its gradients would be "marked ready twice".
-        ddp_find_unused_parameters=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+        "ddp_find_unused_parameters": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    args = DiffpoConfig(output_dir=os.path.join(out_dir, "run"), **config)
     callback = SamplerHeadCallback(mode="joint", nfe_penalty=0.5, mlp_hidden_size=8, threshold_max=2.0)
     trainer = DiffpoTrainer(
         model=model,
@@ -281,7 +281,31 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
         for name, value in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
         if not name.startswith("diffpo_sampler_head.")
     }
+
+    # sampler_only: the dLLM is frozen and DDP wraps a model whose only trainable part is the head
+    frozen_model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=0)
+    initial_dllm = {name: value.detach().clone() for name, value in frozen_model.named_parameters()}
+    head_only = SamplerHeadCallback(mode="sampler_only", nfe_penalty=0.5, mlp_hidden_size=8, threshold_max=2.0)
+    frozen_trainer = DiffpoTrainer(
+        model=frozen_model,
+        reward_funcs=_digit_fraction_reward,
+        args=DiffpoConfig(output_dir=os.path.join(out_dir, "sampler_only"), **{**config, "max_steps": 1}),
+        train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
+        processing_class=tokenizer,
+        callbacks=[head_only],
+    )
+    head_only_before = {name: value.detach().clone() for name, value in head_only.head.state_dict().items()}
+    frozen_trainer.train()
+    frozen_after = frozen_trainer.accelerator.unwrap_model(frozen_trainer.model).named_parameters()
+    sampler_only = {
+        "head_before": head_only_before,
+        "head_after": {name: value.detach().clone() for name, value in head_only.head.state_dict().items()},
+        "dllm_unchanged": all(
+            torch.equal(initial_dllm[name], value) for name, value in frozen_after if name in initial_dllm
+        ),
+    }
     return {
+        "sampler_only": sampler_only,
         "world_size": trainer.accelerator.num_processes,
         "head_before": head_before,
         "head_after": {name: value.detach().clone() for name, value in callback.head.state_dict().items()},
@@ -340,6 +364,15 @@ def test_random_streams_differ_per_rank_while_prompt_order_is_shared(trainer_run
         prompts = rank0["local_prompts"][step] + rank1["local_prompts"][step]
         counts = {prompt: prompts.count(prompt) for prompt in prompts}
         assert set(counts.values()) == {NUM_GENERATIONS}, counts
+
+
+@pytest.mark.slow
+def test_sampler_only_mode_trains_the_head_in_sync_and_leaves_the_dllm(trainer_runs):
+    rank0, rank1 = (run["sampler_only"] for run in trainer_runs)
+    for name in rank0["head_after"]:
+        assert torch.equal(rank0["head_after"][name], rank1["head_after"][name]), name
+    assert any(not torch.equal(rank0["head_before"][n], rank0["head_after"][n]) for n in rank0["head_before"])
+    assert rank0["dllm_unchanged"] and rank1["dllm_unchanged"]
 
 
 @pytest.mark.slow
