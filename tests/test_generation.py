@@ -620,3 +620,53 @@ def test_generator_on_another_device_warns_once(model, batch, caplog, monkeypatc
 def test_mask_token_id_outside_the_vocabulary_is_a_clear_error(model, batch):
     with pytest.raises(ValueError, match="mask_token_id=500 is outside the model's vocabulary"):
         generate(model, batch, sampler="low_confidence", steps=8, mask_token_id=500)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark script (a smoke run, and its meta-device model builder)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_run(capsys):
+    bench = load_benchmark()
+    argv = "--device cpu --size tiny --batch 2 --prompt-len 4 --gen-len 8 --block 4 --repeats 1 --temperature 0.5"
+    results = bench.main(argv.split())
+    assert [result.sampler for result in results] == list(ALL_SAMPLERS)
+    for result in results:
+        assert result.forward_passes >= result.mean_nfe_per_row > 0
+        assert result.generate_s > 0 and result.forwards_s > 0
+    assert "| low_confidence | steps=4 |" in capsys.readouterr().out
+
+
+def test_benchmark_meta_device_builder_matches_a_regular_model():
+    from transformers import LlamaForCausalLM
+
+    bench = load_benchmark()
+    shape = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 50,
+        "mask_token_id": 49,
+        "eos_token_id": 2,
+    }
+    built = bench.build_random_bidirectional_llama(shape, torch.device("cpu"), torch.float32)
+    regular = LlamaForCausalLM(built.config).eval()
+    regular.load_state_dict(built.state_dict())  # same weights; the rotary buffers are the regular model's own
+    ids = torch.randint(5, 49, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(built(input_ids=ids).logits, regular(input_ids=ids).logits)
+    get_backbone(built)  # bidirectional (config.is_causal=False) and the mask id comes from the config
