@@ -1,0 +1,86 @@
+"""The offline demo: --help, a shortened run end to end (table, files, model folder with head) and the warm-up cache."""
+
+import json
+
+import pytest
+
+from trl_diffpo.demo import (
+    HELD_OUT_FILE,
+    MODEL_FOLDER,
+    PLOT_FILE,
+    RESULTS_FILE,
+    DemoSettings,
+    check_targets,
+    main,
+    parse_settings,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--output-dir", "--seed", "--quick", "--sft-steps", "--rl-steps", "--fixed-threshold", "--threads"):
+        assert option in text
+
+
+def test_quick_shrinks_every_phase_but_keeps_explicit_values():
+    settings = parse_settings(["--quick", "--rl-steps", "3", "--output-dir", "somewhere"])
+    assert settings.quick and settings.rl_steps == 3 and settings.output_dir == "somewhere"
+    assert settings.sft_steps == 4 and settings.hidden_size == 32
+    full = parse_settings([])
+    assert full.sft_steps == DemoSettings().sft_steps and not full.quick
+
+
+def test_warmup_key_depends_on_warmup_settings_only():
+    base = DemoSettings()
+    assert DemoSettings(rl_steps=7, nfe_penalty=3.0).warmup_key() == base.warmup_key()
+    assert DemoSettings(sft_steps=base.sft_steps + 1).warmup_key() != base.warmup_key()
+    assert DemoSettings(seed=1).warmup_key() != base.warmup_key()
+
+
+def test_targets():
+    rows = [
+        {"accuracy": 0.30, "mean_nfe": 8.0},
+        {"accuracy": 0.45, "mean_nfe": 8.0},
+        {"accuracy": 0.46, "mean_nfe": 6.0},
+    ]
+    targets = check_targets(rows)
+    assert targets["accuracy_gain"] == pytest.approx(0.15) and targets["accuracy_gain_met"]
+    assert targets["nfe_saving"] == pytest.approx(0.25) and targets["learned_threshold_met"]
+    rows[2]["accuracy"] = 0.44
+    assert not check_targets(rows)["learned_threshold_met"]
+
+
+def test_quick_demo_runs_end_to_end_and_reuses_the_warmup(tmp_path, capsys):
+    output_dir = tmp_path / "demo"
+    assert main(["--quick", "--output-dir", str(output_dir), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("(a) warm-up model", "(b) DiFFPO model, fixed", "(c) DiFFPO model, learned", "mean NFE"):
+        assert row in printed
+    results = json.loads((output_dir / RESULTS_FILE).read_text())
+    assert [row["setting"] for row in results["summary"]] == [
+        "entropy_bounded:0.1",
+        "entropy_bounded:0.1",
+        "entropy_bounded:learned",
+    ]
+    for row in results["summary"]:
+        assert 0 <= row["accuracy"] <= 1 and row["mean_nfe"] >= 1
+    assert set(results["targets"]) >= {"accuracy_gain", "nfe_saving", "learned_threshold_met"}
+    assert results["warmup"]["cached"] is False
+    assert (output_dir / PLOT_FILE).read_bytes()[:8] == PNG_SIGNATURE
+    assert len((output_dir / HELD_OUT_FILE).read_text().splitlines()) == results["settings"]["num_held_out"]
+    model_folder = output_dir / MODEL_FOLDER
+    for name in ("config.json", "model.safetensors", "sampler_head.safetensors", "sampler_head_config.json"):
+        assert (model_folder / name).is_file(), name
+
+    from trl_diffpo.sampler_head import load_sampler_head
+
+    assert load_sampler_head(model_folder).config.threshold_max == results["settings"]["threshold_max"]
+
+    assert main(["--quick", "--output-dir", str(output_dir), "--threads", "1"]) == 0
+    assert "reusing the cached warm-up model" in capsys.readouterr().out
+    assert json.loads((output_dir / RESULTS_FILE).read_text())["warmup"]["cached"] is True
