@@ -809,3 +809,18 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_head(char_tokenize
     assert callback.restored_from == best
     for name, value in load_file(os.path.join(best, HEAD_WEIGHTS_NAME)).items():
         assert torch.equal(callback.head.state_dict()[name], value), name
+
+
+def test_setup_switches_off_ddp_unused_parameter_search(char_tokenizer):
+    # DDP with find_unused_parameters=True fails with "marked as ready twice" on the head's gradients (checked with a
+    # 2-process gloo run); the Trainer turns the search on by default when gradient checkpointing is off.
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1)
+    trainer = fake_trainer(model)
+    trainer.accelerator = SimpleNamespace(ddp_handler=SimpleNamespace(find_unused_parameters=True), process_index=0)
+    trainer.args.ddp_find_unused_parameters = None  # the default: the Trainer decided
+    SamplerHeadCallback().setup(trainer)
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+    trainer.accelerator.ddp_handler.find_unused_parameters = True
+    trainer.args.ddp_find_unused_parameters = True  # the user asked for it
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
+        SamplerHeadCallback().setup(trainer)

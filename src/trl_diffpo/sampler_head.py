@@ -724,6 +724,27 @@ class SamplerHeadCallback(TrainerCallback):
         self.process_index = int(getattr(accelerator, "process_index", 0) or 0)
         self._hook_optimizer(trainer)
         self._hook_resume(trainer)
+        self._disable_ddp_unused_parameter_search(trainer)
+
+    def _disable_ddp_unused_parameter_search(self, trainer) -> None:
+        """DDP with ``find_unused_parameters=True`` marks the head's parameters as unused after the model's forward (the
+        head runs outside it) and then fails when their gradients arrive ("marked as ready twice"). The Trainer turns
+        the search on by default when gradient checkpointing is off; switch it off (the accelerator has not wrapped
+        the model yet), or refuse an explicit ``ddp_find_unused_parameters=True``."""
+        handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
+        if handler is None or not getattr(handler, "find_unused_parameters", False):
+            return
+        if getattr(trainer.args, "ddp_find_unused_parameters", None):
+            raise ValueError(
+                "ddp_find_unused_parameters=True does not work with a SamplerHeadCallback: the head's loss is computed "
+                "outside the model's forward, so DDP would mark its parameters unused and then fail when their "
+                "gradients arrive. Set ddp_find_unused_parameters=False (every trainable dLLM parameter is used by the "
+                "policy loss)."
+            )
+        handler.find_unused_parameters = False
+        logger.info(
+            "SamplerHeadCallback: DDP find_unused_parameters switched off (the head runs outside the forward)."
+        )
 
     def _exclude_from_model_files(self, model: nn.Module) -> None:
         """Keep ``diffpo_sampler_head.*`` out of the model's ``save_pretrained`` files (the head has its own files)."""
