@@ -98,3 +98,20 @@ def test_config_validation():
         MaskedDiffusionSFTConfig(min_mask_ratio=0.0)
     with pytest.raises(ValueError, match="batch_size"):
         MaskedDiffusionSFTConfig(batch_size=0)
+
+
+def test_callback_metrics_and_early_stop(char_tokenizer):
+    from trl_diffpo.tiny import build_tiny_model
+
+    model = build_tiny_model(char_tokenizer, hidden_size=32, num_layers=1, seed=0)
+    calls = []
+
+    def callback(step, model_):
+        calls.append((step, model_.training))
+        return {"val_accuracy": step / 100, "stop": step >= 6}
+
+    config = MaskedDiffusionSFTConfig(gen_length=4, num_steps=50, batch_size=2, log_every=3, show_progress=False)
+    history = masked_diffusion_sft(model, char_tokenizer, PROMPTS, COMPLETIONS, config, callback=callback)
+    assert calls == [(3, False), (6, False)]
+    assert [entry["step"] for entry in history] == [3, 6]
+    assert history[-1]["val_accuracy"] == pytest.approx(0.06)

@@ -65,8 +65,11 @@ class DemoSettings:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    # warm-up (masked-diffusion SFT)
-    sft_steps: int = 250
+    # warm-up (masked-diffusion SFT), stopped once validation accuracy reaches sft_target_accuracy
+    sft_steps: int = 800
+    sft_target_accuracy: float = 0.3
+    sft_eval_every: int = 25
+    num_validation: int = 64
     sft_batch_size: int = 64
     sft_learning_rate: float = 1e-3
     # RL (DiffpoTrainer + sampler head)
@@ -91,7 +94,7 @@ class DemoSettings:
         """Shrink every phase to a few steps (for the test suite)."""
         self.num_train, self.num_held_out = 64, 16
         self.hidden_size, self.num_layers, self.num_heads = 32, 1, 2
-        self.sft_steps, self.sft_batch_size = 4, 16
+        self.sft_steps, self.sft_batch_size, self.sft_eval_every, self.num_validation = 4, 16, 2, 8
         self.rl_steps, self.prompts_per_step, self.num_generations, self.num_iterations = 2, 2, 4, 1
         self.eval_batch_size = 16
         self.sweep_thresholds = (1.0,)
@@ -100,7 +103,7 @@ class DemoSettings:
         """Hash of the settings the warm-up checkpoint depends on (the cache key)."""
         fields = (
             "seed num_train min_blanks max_blanks gen_length hidden_size num_layers num_heads sft_steps "
-            "sft_batch_size sft_learning_rate"
+            "sft_batch_size sft_learning_rate sft_target_accuracy sft_eval_every num_validation"
         ).split()
         payload = {name: getattr(self, name) for name in fields}
         payload["format_version"] = DEMO_FORMAT_VERSION
@@ -123,18 +126,23 @@ def compact_prompt(puzzle: str) -> list[dict[str, str]]:
 
 
 def build_sudoku_data(settings: DemoSettings, tokenizer):
-    """``(train, held_out)`` datasets with ``prompt``, ``puzzle`` and ``solution`` columns, grid-disjoint."""
+    """``(train, validation, held_out)`` datasets with ``prompt``, ``puzzle`` and ``solution`` columns.
+
+    Validation puzzles come from the training grids (they only decide when the warm-up stops); the held-out puzzles
+    use grids that never occur in training.
+    """
     from .data import generate_sudoku
 
     blanks = (settings.min_blanks, settings.max_blanks)
     common = {"num_blanks": blanks, "tokenizer": tokenizer, "system_prompt": None}
     train = generate_sudoku(settings.num_train, split="train", seed=settings.seed, **common)
     held_out = generate_sudoku(settings.num_held_out, split="test", seed=settings.seed + 1, **common)
+    validation = generate_sudoku(settings.num_validation, split="train", seed=settings.seed + 2, **common)
 
     def compact(row):
         return {"prompt": compact_prompt(row["puzzle"])}
 
-    return train.map(compact), held_out.map(compact)
+    return train.map(compact), validation.map(compact), held_out.map(compact)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -142,8 +150,12 @@ def build_sudoku_data(settings: DemoSettings, tokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def warmup_model(settings: DemoSettings, tokenizer, train_rows):
-    """Build and SFT the tiny model, or load it from the cache. Returns ``(model, info)``."""
+def warmup_model(settings: DemoSettings, tokenizer, train_rows, validation_rows):
+    """Build and SFT the tiny model, or load it from the cache. Returns ``(model, info)``.
+
+    Every ``sft_eval_every`` steps the validation accuracy (greedy, fixed entropy bound) is measured; the warm-up
+    stops as soon as it reaches ``sft_target_accuracy`` (or after ``sft_steps``), leaving room for RL to improve.
+    """
     from transformers import AutoModelForCausalLM
 
     from .sft import MaskedDiffusionSFTConfig, masked_diffusion_sft
@@ -171,9 +183,18 @@ def warmup_model(settings: DemoSettings, tokenizer, train_rows):
     num_parameters = sum(p.numel() for p in model.parameters())
     print(
         f"[warm-up] masked-diffusion SFT of a {num_parameters / 1e6:.2f}M-parameter bidirectional Llama on "
-        f"{len(train_rows)} puzzles for {settings.sft_steps} steps"
+        f"{len(train_rows)} puzzles, until validation accuracy >= {100 * settings.sft_target_accuracy:.0f}% "
+        f"(at most {settings.sft_steps} steps)"
     )
     started = time.perf_counter()
+
+    def validation_accuracy(step, model):
+        results = _evaluate(
+            settings, model, tokenizer, validation_rows, [_fixed_setting(settings)], show_progress=False
+        )
+        accuracy = results.settings[0].accuracy
+        return {"val_accuracy": accuracy, "stop": accuracy >= settings.sft_target_accuracy}
+
     history = masked_diffusion_sft(
         model,
         tokenizer,
@@ -186,17 +207,23 @@ def warmup_model(settings: DemoSettings, tokenizer, train_rows):
             learning_rate=settings.sft_learning_rate,
             warmup_steps=min(20, max(1, settings.sft_steps // 10)),
             seed=settings.seed,
-            log_every=max(1, settings.sft_steps // 10),
+            log_every=settings.sft_eval_every,
         ),
+        callback=validation_accuracy,
     )
     info = {
         "key": settings.warmup_key(),
         "num_parameters": num_parameters,
-        "sft_steps": settings.sft_steps,
+        "sft_steps_run": history[-1]["step"] if history else 0,
+        "validation_accuracy": history[-1].get("val_accuracy") if history else None,
         "sft_seconds": time.perf_counter() - started,
         "sft_history": history,
         "cached": False,
     }
+    print(
+        f"[warm-up] stopped after {info['sft_steps_run']} steps ({info['sft_seconds']:.0f} s): validation accuracy "
+        f"{100 * (info['validation_accuracy'] or 0):.1f}%"
+    )
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -324,7 +351,13 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate(settings: DemoSettings, model, tokenizer, held_out, sampler_settings, head=None):
+def _fixed_setting(settings: DemoSettings):
+    from .evaluation import SamplerSetting
+
+    return SamplerSetting("entropy_bounded", threshold=settings.fixed_threshold)
+
+
+def _evaluate(settings: DemoSettings, model, tokenizer, held_out, sampler_settings, head=None, show_progress=True):
     from .evaluation import evaluate
 
     return evaluate(
@@ -338,7 +371,7 @@ def _evaluate(settings: DemoSettings, model, tokenizer, held_out, sampler_settin
         block_length=settings.gen_length,
         batch_size=settings.eval_batch_size,
         seed=settings.seed,
-        show_progress=True,
+        show_progress=show_progress,
     )
 
 
@@ -417,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
         "hidden_size": "model width",
         "num_layers": "transformer layers",
         "num_heads": "attention heads",
-        "sft_steps": "warm-up steps (stop while accuracy is still mediocre)",
+        "sft_steps": "most warm-up steps",
+        "sft_target_accuracy": "the warm-up stops once validation accuracy reaches this (leaves room for RL)",
+        "sft_eval_every": "warm-up steps between two validation measurements",
+        "num_validation": "validation puzzles (from the training grids) that decide when the warm-up stops",
         "sft_batch_size": "warm-up batch size",
         "sft_learning_rate": "warm-up peak learning rate",
         "rl_steps": "DiFFPO optimizer steps",
@@ -482,15 +518,15 @@ def run_demo(settings: DemoSettings) -> dict:
     started = time.perf_counter()
     os.makedirs(settings.output_dir, exist_ok=True)
     tokenizer = build_char_tokenizer()
-    train_rows, held_out = build_sudoku_data(settings, tokenizer)
+    train_rows, validation_rows, held_out = build_sudoku_data(settings, tokenizer)
     held_out.to_json(os.path.join(settings.output_dir, HELD_OUT_FILE))
     print(
         f"[data] 4x4 Sudoku, {settings.min_blanks}-{settings.max_blanks} blanks: {len(train_rows)} training and "
         f"{len(held_out)} held-out puzzles (disjoint solution grids); torch threads: {torch.get_num_threads()}"
     )
 
-    model, warmup_info = warmup_model(settings, tokenizer, train_rows)
-    fixed = SamplerSetting("entropy_bounded", threshold=settings.fixed_threshold)
+    model, warmup_info = warmup_model(settings, tokenizer, train_rows, validation_rows)
+    fixed = _fixed_setting(settings)
     sweep = [SamplerSetting("entropy_bounded", threshold=t) for t in settings.sweep_thresholds]
     sweep = [s for s in sweep if s != fixed]
     print(f"[eval] warm-up model on {len(held_out)} held-out puzzles")

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +190,7 @@ def masked_diffusion_sft(
     completions: Sequence[str],
     config: MaskedDiffusionSFTConfig | None = None,
     mask_token_id: int | None = None,
+    callback: Callable[[int, nn.Module], bool | dict | None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with the masked-diffusion SFT loss on ``(prompt, completion)`` pairs.
 
@@ -197,9 +198,14 @@ def masked_diffusion_sft(
     are tokenized as TRL tokenizes them (:func:`tokenize_prompts`). Deterministic for a given
     ``config.seed`` on a given machine; the model is left in eval mode.
 
+    Args:
+        callback: called as ``callback(step, model)`` every ``config.log_every`` steps, with the model in eval mode
+            (e.g. to measure held-out accuracy). It may return a dict of metrics (added to that history entry; a
+            truthy ``"stop"`` entry ends training early) or a bool (``True`` stops).
+
     Returns:
-        The history: one ``{"step", "loss", "learning_rate"}`` dict every ``config.log_every`` steps (``loss`` is the
-        mean over those steps).
+        The history: one ``{"step", "loss", "learning_rate", ...}`` dict every ``config.log_every`` steps (``loss`` is
+        the mean over those steps), plus the callback's metrics.
     """
     config = config or MaskedDiffusionSFTConfig()
     backbone = get_backbone(model, mask_token_id=mask_token_id, tokenizer=tokenizer)
@@ -252,8 +258,27 @@ def masked_diffusion_sft(
                 }
                 history.append(entry)
                 running_loss, running_count = 0.0, 0
+                stop = False
+                if callback is not None:
+                    model.eval()
+                    reply = callback(step + 1, model)
+                    model.train()
+                    if isinstance(reply, dict):
+                        entry.update(reply)
+                        stop = bool(reply.get("stop"))
+                    else:
+                        stop = bool(reply)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{entry['loss']:.4f}")
+                    shown = {
+                        name: f"{value:.4g}"
+                        for name, value in entry.items()
+                        if name not in ("step", "learning_rate") and isinstance(value, float)
+                    }
+                    progress.set_postfix(shown)
+                if stop:
+                    if progress is not None:
+                        progress.update(1)
+                    break
             if progress is not None:
                 progress.update(1)
     finally:
