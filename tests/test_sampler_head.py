@@ -400,9 +400,23 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path):
         load_sampler_head(other)
 
 
+def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path):
+    head = make_head()
+    torch.nn.init.normal_(head.mlp[-1].weight)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "models--some-user--sampler-head"  # the Hugging Face cache layout
+    save_sampler_head(head, repo_cache / "snapshots" / commit)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    loaded = load_sampler_head("some-user/sampler-head", cache_dir=str(tmp_path))  # HF_HUB_OFFLINE=1 in the tests
+    assert torch.equal(loaded.mlp[-1].weight, head.mlp[-1].weight)
+
+
 def test_missing_hub_repo_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="sampler_head_config.json"):
+    with pytest.raises(
+        FileNotFoundError, match="sampler_head_config.json of .* is not in the local Hugging Face cache"
+    ):
         load_sampler_head("some-user/no-such-head-repo")
 
 

@@ -401,14 +401,14 @@ def _resolve_head_file(
 
     try:
         return hf_hub_download(base, filename, subfolder=subfolder, **hub_kwargs)
-    except EntryNotFoundError as err:
-        raise FileNotFoundError(
-            f"The Hub repository {base!r} has no {filename}: it was pushed without a sampler head."
-        ) from err
-    except LocalEntryNotFoundError as err:
+    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: catch it first
         raise FileNotFoundError(
             f"{filename} of {base!r} is not in the local Hugging Face cache and the Hub cannot be reached (offline "
             "mode or no network). Pass a local folder, or download the repository first while online."
+        ) from err
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"The Hub repository {base!r} has no {filename}: it was pushed without a sampler head."
         ) from err
     except Exception as err:  # invalid repo id, unknown repository, ...
         raise FileNotFoundError(
