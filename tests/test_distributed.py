@@ -249,9 +249,8 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
         "bf16": False,
         "use_cpu": True,
         "gradient_checkpointing": False,
-        # DDP marks parameters outside the forward graph as unused; the head's loss is computed outside the model's
-        # forward, so with find_unused_parameters=True its gradients would be "marked ready twice".
-        "ddp_find_unused_parameters": False,
+        # ddp_find_unused_parameters left at None: without gradient checkpointing the Trainer would pick True, which
+        # breaks the head (its loss is outside the model's forward); the callback must switch it off
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
