@@ -141,6 +141,12 @@ def test_help_documents_every_option(capsys):
         assert phrase in text
 
 
+def test_no_arguments_points_to_config_and_help(capsys):
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert "nothing to train" in error and "--config" in error and "--help" in error
+
+
 def test_unknown_flag_is_a_clear_error_with_a_suggestion(capsys):
     assert main(["--config", str(TINY), "--max_step", "3"]) == 2
     error = capsys.readouterr().err

@@ -737,6 +737,14 @@ def _remove_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``trl-diffpo train`` (and ``python -m trl_diffpo.scripts.train``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(
+            f"usage: {PROG} [{CONFIG_FLAG} FILE.yaml] [--OPTION VALUE ...]\n"
+            f"{PROG}: error: nothing to train: give {CONFIG_FLAG} FILE.yaml (recipes in examples/configs/) and/or "
+            f"options; `{PROG} --help` lists them.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if ACCELERATE_CONFIG_FLAG in argv:
             return launch_with_accelerate(argv)
