@@ -207,6 +207,7 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
     import trl_diffpo.sampler_head as sampler_head_module
     import trl_diffpo.trainer as trainer_module
     from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
+    from trl_diffpo.likelihood import draw_surrogate_randomness
     from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
 
     local_rollouts = []  # (nfe, threshold) of every rollout on this rank
@@ -275,6 +276,15 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
     probe_thresholds = callback.threshold_fn(probe_hidden)
     trainer.model.train()
     probe_completions, _ = trainer._generate_single_turn([tokenizer.encode(TRAIN_PROMPTS[0])] * 4, None, None, 1)
+    probe_draws = draw_surrogate_randomness(
+        torch.ones(4, 6, dtype=torch.long),
+        torch.full((4,), 16),
+        likelihood="two_stage",
+        num_stages=None,
+        p_mask_prompt=0.5,
+        num_iterations=2,
+        generator=trainer._surrogate_generator,
+    )
     model_after = {
         name: value.detach().clone()
         for name, value in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
@@ -316,6 +326,7 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
         "head_saves": head_saves,
         "probe_thresholds": probe_thresholds,
         "probe_completions": probe_completions,
+        "probe_draws": (probe_draws.stage_starts, probe_draws.prompt_noise),
     }
 
 
@@ -353,10 +364,12 @@ def test_rollout_metrics_are_gathered_across_ranks(trainer_runs):
 @pytest.mark.slow
 def test_random_streams_differ_per_rank_while_prompt_order_is_shared(trainer_runs):
     rank0, rank1 = trainer_runs
-    # identical weights and inputs on both ranks, yet the head's exploration noise and the Gumbel noise of the
-    # rollouts are drawn from per-rank streams
+    # identical weights and inputs on both ranks, yet the head's exploration noise, the Gumbel noise of the
+    # rollouts and the surrogate's draws come from per-rank streams
     assert not torch.allclose(rank0["probe_thresholds"], rank1["probe_thresholds"])
     assert rank0["probe_completions"] != rank1["probe_completions"]
+    # ... and so are the surrogate's cut points and prompt masks
+    assert any(not torch.equal(a, b) for a, b in zip(rank0["probe_draws"], rank1["probe_draws"]))
     # TRL's sampler must order prompts identically on every rank: each step's prompts, over both ranks, are whole
     # groups of NUM_GENERATIONS copies of distinct prompts
     for step in range(TRAIN_STEPS):
