@@ -115,6 +115,8 @@ class DiffpoScriptArguments(ScriptArguments):
             Local JSON/JSONL/CSV/Parquet files of the training split.
         dataset_test_files (`list[str]`, *optional*):
             Local files of the evaluation split.
+        task_kwargs (`dict` or JSON `str`, *optional*):
+            Extra keyword arguments of the task's loader (``{"generated": true}``, ``{"path": ...}``).
         max_train_samples (`int`, *optional*):
             Keep only the first N training examples.
         max_eval_samples (`int`, *optional*):
@@ -130,6 +132,13 @@ class DiffpoScriptArguments(ScriptArguments):
             ``joint`` trains model and head; ``sampler_only`` freezes the model and trains only the head.
         nfe_penalty (`float`, defaults to `0.0`):
             lambda in the head's reward ``task reward - lambda * NFE / completion length``.
+        sampler_head_learning_rate, sampler_head_scale_advantages, sampler_head_pretrained:
+            The :class:`~trl_diffpo.SamplerHeadCallback` options ``head_learning_rate``, ``scale_advantages`` and
+            ``pretrained_head``.
+        sampler_head_<field>:
+            One option per :class:`~trl_diffpo.sampler_head.SamplerHeadConfig` field (``mlp_hidden_size``,
+            ``threshold_min``, ``threshold_max``, ``init_threshold``, ``sigma``, ``sigma_final``, ``sigma_schedule``,
+            ``sigma_anneal_steps``, ``init_seed``); ``None`` keeps the head's default.
     """
 
     _argument_group_name = "script arguments (data, rewards, sampler head)"
