@@ -22,6 +22,12 @@ _LAZY = {
     "DiffpoTrainer": "trainer",
     "SamplerHead": "sampler_head",
     "SamplerHeadCallback": "sampler_head",
+    "SamplerHeadConfig": "sampler_head",
+    "load_sampler_head": "sampler_head",
+    "save_sampler_head": "sampler_head",
+    "evaluate": "evaluation",
+    "get_task": "tasks",
+    "masked_diffusion_sft": "sft",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -54,5 +60,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbones import DiffusionBackbone, get_backbone, resolve_mask_token_id  # noqa: F401
     from .config import DiffpoConfig  # noqa: F401
     from .generation import DiffusionGenerateOutput, diffusion_generate  # noqa: F401
-    from .sampler_head import SamplerHead, SamplerHeadCallback  # noqa: F401
+    from .evaluation import evaluate  # noqa: F401
+    from .sampler_head import (  # noqa: F401
+        SamplerHead,
+        SamplerHeadCallback,
+        SamplerHeadConfig,
+        load_sampler_head,
+        save_sampler_head,
+    )
+    from .sft import masked_diffusion_sft  # noqa: F401
+    from .tasks import get_task  # noqa: F401
     from .trainer import DiffpoTrainer  # noqa: F401

@@ -295,9 +295,11 @@ class DiffpoTrainer(GRPOTrainer):
             if hasattr(args, "activation_checkpointing"):
                 args.activation_checkpointing = False
         if args.cast_lm_head_to_fp32 and not hasattr(base_model, "lm_head"):
+            # TRL casts `model.lm_head`; LLaDA's output layer is `model.transformer.ff_out`, BERT's `cls.predictions`.
             raise ValueError(
-                f"`cast_lm_head_to_fp32=True` needs a model with an `lm_head`; {type(base_model).__name__} has none. "
-                "Set `cast_lm_head_to_fp32=False`."
+                f"`cast_lm_head_to_fp32=True` casts `model.lm_head`, which {type(base_model).__name__} does not have "
+                f"(its output layer is {type(base_model.get_output_embeddings()).__name__}). Set "
+                "`cast_lm_head_to_fp32=False`."
             )
 
     def _prepare_reference(self, reference):
