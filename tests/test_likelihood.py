@@ -252,3 +252,35 @@ def test_importance_weights():
     assert torch.equal(importance_weights(surrogate, behaviour, mask, "none"), torch.ones(2, 4))
     with pytest.raises(ValueError, match="is_correction"):
         importance_weights(surrogate, behaviour, mask, "trajectory")
+
+
+def test_every_stage_fixes_the_forward_count_without_changing_the_result(model, tokenizer):
+    """Under ZeRO-3 / FSDP every forward is a collective: the count must not depend on the random cut points."""
+    prompt_mask, rollout = _rollout(model, tokenizer, temperature=0.8, seed=3)
+    batch = rollout.nfe.shape[0]
+    noise = torch.zeros_like(prompt_mask, dtype=torch.bool)
+    backbone = get_backbone(model)
+    latents_seen = []
+    handle = model.register_forward_pre_hook(lambda _m, args, kwargs: latents_seen.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)  # fmt: skip
+    try:
+        results = {}
+        for name, starts in {"degenerate": torch.zeros(batch, 2, dtype=torch.long),
+                             "split": torch.stack([torch.zeros(batch, dtype=torch.long), rollout.nfe // 2], 1)}.items():  # fmt: skip
+            for every_stage in (False, True):
+                latents_seen.clear()
+                with torch.no_grad():
+                    logps, _ = surrogate_log_probs(
+                        backbone, rollout.sequences, prompt_mask, rollout.unmask_step, noise, starts,
+                        batch_size=batch, every_stage=every_stage,
+                    )  # fmt: skip
+                results[name, every_stage] = (logps, sum(latents_seen), len(latents_seen))
+    finally:
+        handle.remove()
+    # Without the flag, a draw whose second stage scores nothing skips its latents: fewer rows forwarded.
+    assert results["degenerate", False][1] == batch
+    assert results["split", False][1] == 2 * batch
+    # With it, every draw forwards all batch x K latents in the same number of calls.
+    assert results["degenerate", True][1:] == results["split", True][1:] == (2 * batch, 2)
+    for name in ("degenerate", "split"):
+        torch.testing.assert_close(results[name, True][0], results[name, False][0])

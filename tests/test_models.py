@@ -879,3 +879,17 @@ def test_diffpo_trainer_trains_native_models(char_tokenizer, tmp_path, model_cla
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
     if use_lora:
         assert all("lora_" in name for name in moved), moved
+
+
+@pytest.mark.parametrize("build", [tiny_llada, tiny_dream])
+def test_peft_causal_lm_task_type_wraps_native_models_and_generate_is_refused(build):
+    """TRL's default LoRA config uses task_type CAUSAL_LM, whose wrapper reads `prepare_inputs_for_generation`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build()
+    targets = lora_target_modules(model)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets))
+    logits = peft_model(input_ids=random_ids()).logits
+    assert logits.shape[:2] == random_ids().shape
+    with pytest.raises(NotImplementedError, match="diffusion_generate"):
+        model.prepare_inputs_for_generation(random_ids())

@@ -232,6 +232,7 @@ def surrogate_log_probs(
     temperature: float = 0.0,
     batch_size: int | None = None,
     compute_entropy: bool = False,
+    every_stage: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token surrogate log-probs of a sampled canvas (and optionally the entropy of each scoring distribution).
 
@@ -247,6 +248,9 @@ def surrogate_log_probs(
         prompt_noise: ``(batch, prompt_len)`` prompt positions to mask.
         stage_starts: ``(batch, K)`` sorted stage starts, first 0.
         temperature: the sampling temperature (``0``: plain logits), as in :func:`policy_log_softmax`.
+        every_stage: forward the latent of every (row, stage) pair, also those that score no token, so that the
+            number of forwards depends on the batch shape only. Needed where every forward is a collective (DeepSpeed
+            ZeRO-3, FSDP): otherwise ranks whose random draws need fewer forwards would leave the others hanging.
 
     Returns:
         ``(logps, entropy)``: ``(batch, gen_length)`` float32 log-probs, and entropies or ``None``.
@@ -261,6 +265,8 @@ def surrogate_log_probs(
     num_stages = stage_starts.shape[1]
     used = torch.zeros(batch, num_stages, dtype=torch.bool, device=device)
     used.scatter_(1, stage_of_token, True)
+    if every_stage:
+        used.fill_(True)
     latent_rows, latent_stage = used.nonzero(as_tuple=True)  # row-major: all stages of row 0, then row 1, ...
     latent_steps = stage_starts[latent_rows, latent_stage]
     latents = build_stage_latents(

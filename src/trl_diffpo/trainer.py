@@ -425,6 +425,8 @@ class DiffpoTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 batch_size=batch_size,
                 compute_entropy=compute_entropy,
+                # every forward is a collective under ZeRO-3 / FSDP: make the count independent of the draws
+                every_stage=self._dist.is_zero3 or self.is_fsdp_enabled,
             )
 
     def _get_per_token_logps_and_entropies(

@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from .layers import (
+    NoAutoregressiveGenerationMixin,
     RMSNorm,
     apply_rotary,
     attention_function,
@@ -193,7 +194,7 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class DreamPreTrainedModel(PreTrainedModel):
+class DreamPreTrainedModel(NoAutoregressiveGenerationMixin, PreTrainedModel):
     """Common ``PreTrainedModel`` settings of the Dream classes."""
 
     config: DreamConfig

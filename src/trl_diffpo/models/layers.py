@@ -162,3 +162,14 @@ def refuse_labels(labels) -> None:
             "`labels` is not supported: masked diffusion models have no built-in loss (it depends on the masking and "
             "its weighting). Compute the loss from `outputs.logits`, e.g. through trl_diffpo's trainers."
         )
+
+
+class NoAutoregressiveGenerationMixin:
+    """Marks a masked diffusion LM: ``prepare_inputs_for_generation`` exists (PEFT's ``task_type="CAUSAL_LM"`` wrapper
+    and TRL's default LoRA config read it) but autoregressive ``generate`` is refused with the way to decode."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} is a masked diffusion LM: it does not generate left to right. Decode with "
+            "`trl_diffpo.diffusion_generate(model, input_ids, attention_mask, ...)`."
+        )

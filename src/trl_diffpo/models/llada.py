@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from .layers import (
+    NoAutoregressiveGenerationMixin,
     RMSNorm,
     apply_rotary,
     attention_function,
@@ -245,7 +246,7 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         return hidden_states + self.dropout(feed_forward)
 
 
-class LLaDAPreTrainedModel(PreTrainedModel):
+class LLaDAPreTrainedModel(NoAutoregressiveGenerationMixin, PreTrainedModel):
     """Common ``PreTrainedModel`` settings of the LLaDA classes."""
 
     config: LLaDAConfig
