@@ -59,8 +59,8 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import DiffusionBackbone, get_backbone, resolve_mask_token_id  # noqa: F401
     from .config import DiffpoConfig  # noqa: F401
-    from .generation import DiffusionGenerateOutput, diffusion_generate  # noqa: F401
     from .evaluation import evaluate  # noqa: F401
+    from .generation import DiffusionGenerateOutput, diffusion_generate  # noqa: F401
     from .sampler_head import (  # noqa: F401
         SamplerHead,
         SamplerHeadCallback,
