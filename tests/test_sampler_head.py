@@ -838,3 +838,29 @@ def test_setup_switches_off_ddp_unused_parameter_search(char_tokenizer):
     trainer.args.ddp_find_unused_parameters = True  # the user asked for it
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
         SamplerHeadCallback().setup(trainer)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "fixed", "overrides", "expected_init", "expected_max"),
+    [
+        ("entropy_bounded", 0.3, {}, 0.3, 1.0),  # starts where model-only training decodes
+        ("entropy_bounded", 2.0, {}, 2.0, 4.0),  # above the default range: the range widens to 2x
+        ("entropy_bounded", 2.0, {"threshold_max": 1.5}, 0.1, 1.5),  # an explicit range wins: default init
+        ("entropy_bounded", 0.3, {"init_threshold": 0.6}, 0.6, 1.0),  # an explicit init wins
+        ("confidence_threshold", 0.8, {}, 0.8, 1.0),
+        ("confidence_threshold", 0.2, {}, 0.9, 1.0),  # outside (0.5, 1): the default init
+        ("entropy_bounded", None, {}, 0.1, 1.0),
+    ],
+)
+def test_head_starts_at_the_trainers_fixed_threshold(char_tokenizer, sampler, fixed, overrides, expected_init,
+                                                     expected_max):  # fmt: skip
+    model = build_tiny_model(char_tokenizer, architecture="llama", hidden_size=32, num_layers=1)
+    trainer = fake_trainer(model, sampler=sampler)
+    trainer.args.threshold = fixed
+    callback = SamplerHeadCallback(**overrides)
+    callback.setup(trainer)
+    config = callback.head.config
+    assert config.init_threshold == pytest.approx(expected_init)
+    assert config.threshold_max == pytest.approx(expected_max)
+    predicted = callback.head.predict_threshold(torch.randn(3, 32))
+    torch.testing.assert_close(predicted.float(), torch.full((3,), expected_init), atol=1e-5, rtol=1e-5)

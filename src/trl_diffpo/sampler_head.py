@@ -652,9 +652,19 @@ class SamplerHeadCallback(TrainerCallback):
     # -- building the head -------------------------------------------------------------------------------------------
 
     def init_head(
-        self, input_size: int, sampler: str | None = None, dtype: torch.dtype = torch.float32, device=None
+        self,
+        input_size: int,
+        sampler: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        default_threshold: float | None = None,
     ) -> SamplerHead:
-        """Build (or load, with ``pretrained_head``) the head without a trainer; :meth:`setup` calls this."""
+        """Build (or load, with ``pretrained_head``) the head without a trainer; :meth:`setup` calls this.
+
+        ``default_threshold`` (the trainer's fixed ``DiffpoConfig.threshold``) is where the head starts when the head
+        config sets no ``init_threshold``; an entropy bound above the default range widens ``threshold_max`` to twice
+        it (unless ``threshold_max`` is set), so the head starts from the model-only setting and can move both ways.
+        """
         options = dict(self.head_overrides)
         requested = options.pop("sampler", None)
         sampler = sampler or requested or ENTROPY_BOUNDED
@@ -663,6 +673,13 @@ class SamplerHeadCallback(TrainerCallback):
                 f"The head config asks for sampler {requested!r} but the trainer decodes with {sampler!r}: the head "
                 "sets the threshold of the trainer's sampler; drop `sampler` from the head config."
             )
+        if default_threshold is not None and math.isfinite(default_threshold) and "init_threshold" not in options:
+            low, high, _ = DEFAULT_THRESHOLD_RANGES[sampler]
+            low, high = options.get("threshold_min", low), options.get("threshold_max", high)
+            if sampler == ENTROPY_BOUNDED and "threshold_max" not in options and default_threshold >= high:
+                high = options["threshold_max"] = 2.0 * default_threshold
+            if low < default_threshold < high:
+                options["init_threshold"] = float(default_threshold)
         options.setdefault("input_size", input_size)
         if options["input_size"] != input_size:
             raise ValueError(f"head input_size={options['input_size']} but the backbone hidden size is {input_size}.")
@@ -705,7 +722,13 @@ class SamplerHeadCallback(TrainerCallback):
         dtype, device = _model_dtype_and_device(backbone)
         if isinstance(getattr(model, HEAD_ATTRIBUTE, None), nn.Module):
             logger.warning("The model already carries a %s; SamplerHeadCallback replaces it.", HEAD_ATTRIBUTE)
-        head = self.init_head(hidden_size, sampler=sampler, dtype=dtype, device=device)
+        head = self.init_head(
+            hidden_size,
+            sampler=sampler,
+            dtype=dtype,
+            device=device,
+            default_threshold=getattr(args, "threshold", None),
+        )
         setattr(model, HEAD_ATTRIBUTE, head)  # a submodule: the main optimizer trains it, DDP/ZeRO reduce its grads
         self._exclude_from_model_files(model)
         if self.mode == "sampler_only":
