@@ -56,6 +56,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -189,6 +190,18 @@ def digit_fraction_reward(completions, **kwargs) -> list[float]:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def rss_peak_mib() -> float:
@@ -494,7 +507,9 @@ def main(argv=None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    # transformers 5 renames gradient -> activation checkpointing; TRL still reads the old name internally
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     header = {
         "device": str(device),
         "hardware": hardware,
