@@ -16,9 +16,10 @@ times the optimizer step. Phases, in seconds per optimizer step:
 - ``optimizer``: ``optimizer.step()`` (between the ``on_pre_optimizer_step`` and ``on_optimizer_step`` events);
 - ``step``: ``on_step_begin`` to ``on_step_end`` (everything above plus gradient clipping and the callbacks).
 
-With ``--num-iterations k > 1`` rollouts (and their log-probs) happen on one step in ``k``; the summary averages over
-the measured steps, so they are amortised. The first step is a warm-up and is excluded from the summary when more
-than one step runs. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the run and per phase (the peak
+The summary is the median over the measured steps (every step is kept in the JSON); the first step is a warm-up and
+is excluded when more than one step runs. With ``--num-iterations k > 1`` rollouts (and their log-probs) happen on
+one step in ``k``: look at the per-step records, or use ``--num-iterations 1`` (the default) to see every phase in
+every step. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the run and per phase (the peak
 counter is reset at the start of every leaf phase); on a CPU the process's RSS high-water mark
 (``resource.getrusage``), which never decreases: it is a process-wide figure, exact only for the first configuration
 of a run (run one configuration per process for per-configuration CPU memory).
@@ -53,6 +54,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -388,9 +390,10 @@ def build_trainer(config: BenchConfig, args, device: torch.device, dtype: torch.
 
 
 def summarise(steps: list[dict]) -> dict:
-    """Mean seconds per phase over the measured steps (all but the first when there are several)."""
+    """Median seconds per phase over the measured steps (all but the first when there are several): the median
+    keeps a step disturbed by another job on a shared machine from moving the figure; every step is in the JSON."""
     measured = steps[1:] if len(steps) > 1 else steps
-    summary = {phase: sum(step[phase] for step in measured) / len(measured) for phase in PHASES}
+    summary = {phase: statistics.median(step[phase] for step in measured) for phase in PHASES}
     peaks = {key for step in steps for key in step if key.startswith("peak_mib/")}
     for key in sorted(peaks):
         summary[key] = max(step.get(key, 0.0) for step in steps)
@@ -486,7 +489,7 @@ def parse_args(argv=None):
         "--beta", type=float, default=0.04, help="KL coefficient (DiFFPO's 0.04; 0 skips the reference)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--max-steps", type=int, default=3, help="optimizer steps per configuration (first = warm-up)")
+    parser.add_argument("--max-steps", type=int, default=4, help="optimizer steps per configuration (first = warm-up)")
     parser.add_argument("--likelihoods", nargs="+", default=list(LIKELIHOODS), choices=LIKELIHOODS)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     parser.add_argument("--head", nargs="+", default=list(HEAD_MODES), choices=HEAD_MODES, help="SamplerHeadCallback")
