@@ -60,7 +60,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -407,8 +407,8 @@ def logged_mean(trainer, key: str) -> float | None:
 
 
 def run_config(config: BenchConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
-    result = {"config": config.name, **config.__dict__}
-    trainer = None
+    result = {"config": config.name, **asdict(config)}
+    trainer = profiler = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -419,7 +419,8 @@ def run_config(config: BenchConfig, args, device: torch.device, dtype: torch.dty
             profiler.attach(trainer)
             trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             if device.type == "cuda":
-                result["model_allocated_mib"] = torch.cuda.memory_allocated(device) / MIB
+                # weights (+ reference copy for full fine-tuning with beta > 0, + adapters and head) before training
+                result["allocated_after_init_mib"] = torch.cuda.memory_allocated(device) / MIB
             trainer.train()
         result["trainable_parameters"] = trainable
         result["phases"] = summarise(profiler.steps)
@@ -438,7 +439,7 @@ def run_config(config: BenchConfig, args, device: torch.device, dtype: torch.dty
     except torch.OutOfMemoryError as err:
         result["error"] = f"out of memory: {str(err).splitlines()[0]}"
     finally:
-        del trainer
+        del trainer, profiler  # the wrapped methods hold the trainer too
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
