@@ -85,6 +85,7 @@ class DemoSettings:
     nfe_penalty: float = 1.0
     head_learning_rate: float = 3e-3
     head_sigma: float = 0.5
+    head_scale_advantages: bool = False
     # evaluation
     eval_batch_size: int = 64
     sweep_thresholds: tuple[float, ...] = (0.02, 0.3, 1.0)
@@ -254,6 +255,7 @@ def _progress_callback():
     class DemoProgressCallback(TrainerCallback):
         def __init__(self):
             self.bar = None
+            self.shown: dict[str, str] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.bar = tqdm(total=state.max_steps, desc="DiFFPO", dynamic_ncols=True)
@@ -262,9 +264,11 @@ def _progress_callback():
             self.bar.update(state.global_step - self.bar.n)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            shown = {short: f"{logs[name]:.3g}" for name, short in PROGRESS_METRICS.items() if name in (logs or {})}
-            if shown and self.bar is not None:
-                self.bar.set_postfix(shown, refresh=True)
+            self.shown.update(
+                {short: f"{logs[name]:.3g}" for name, short in PROGRESS_METRICS.items() if name in (logs or {})}
+            )
+            if self.shown and self.bar is not None:
+                self.bar.set_postfix(self.shown, refresh=True)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -320,6 +324,7 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
         threshold_max=settings.threshold_max,
         init_threshold=settings.fixed_threshold,
         sigma=settings.head_sigma,
+        scale_advantages=settings.head_scale_advantages,
         mlp_hidden_size=64,
         seed=settings.seed,
     )
@@ -468,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nfe_penalty": "lambda of the sampler reward reward - lambda * NFE / gen_length",
         "head_learning_rate": "sampler head learning rate",
         "head_sigma": "exploration noise of the head (std in logit space)",
+        "head_scale_advantages": "divide the head's group advantages by the group std (off: nfe_penalty is an exact "
+        "exchange rate between reward and NFE)",
         "eval_batch_size": "evaluation batch size",
         "sweep_thresholds": "extra gammas evaluated for the accuracy-vs-NFE plot",
         "retrain_warmup": "ignore the cached warm-up model",
