@@ -59,3 +59,42 @@ def test_tiny_run_writes_every_phase_for_every_configuration(tmp_path):
             assert step[phase] > 0, f"the {phase!r} timer never fired"
         assert result["diffusion/nfe/mean"] > 0 and result["rss_peak_mib"] > 0
         assert result["config"] in stdout  # the Markdown table lists it
+
+
+def load_bench_trainer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_trainer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vocab_tokenizer_puts_specials_at_the_model_ids_and_decodes_every_id():
+    bench = load_bench_trainer()
+    vocab_size, mask_id, eos_id = 300, 290, 7
+    tokenizer = bench.build_vocab_tokenizer(vocab_size, mask_id, eos_id)
+    assert len(tokenizer) == vocab_size
+    assert (tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (mask_id, eos_id, eos_id)
+    ids = tokenizer("Using 3, 41 = 12")["input_ids"]
+    assert len(ids) == len("Using 3, 41 = 12") and tokenizer.unk_token_id not in ids  # one token per character
+    assert tokenizer.decode(ids) == "Using 3, 41 = 12"
+    assert tokenizer.decode([vocab_size - 1]) == f"<t{vocab_size - 1}>"  # filler ids decode too
+    assert sorted(tokenizer.get_vocab().values()) == list(range(vocab_size))
+
+
+def test_meta_device_llada_builder_gives_a_working_random_model():
+    import torch
+
+    bench = load_bench_trainer()
+    shape = {**bench.LLADA_SHAPES["small"], "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "n_layers": 1}
+    shape.update(mlp_hidden_size=64, vocab_size=300, embedding_size=300, mask_token_id=299)
+    model = bench.build_random_llada(shape, torch.device("cpu"), torch.float32)
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    norms = [p for name, p in model.named_parameters() if p.dim() == 1]
+    assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
+    weights = model.get_input_embeddings().weight
+    assert abs(weights.std().item() - bench.INIT_STD) < 0.1 * bench.INIT_STD
+    logits = model(torch.randint(0, 299, (2, 5))).logits
+    assert logits.shape == (2, 5, 300) and torch.isfinite(logits).all()
