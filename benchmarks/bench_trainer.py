@@ -4,7 +4,8 @@ For every configuration of the matrix (likelihood x sampler x sampler head x fin
 the script builds a fresh random-weight policy, a :class:`trl_diffpo.DiffpoTrainer` on a small offline Countdown-style
 prompt set with a cheap text reward, and trains ``--max-steps`` optimizer steps. The trainer is not changed: its
 methods are wrapped *on the instance* with timers (``torch.cuda.synchronize`` around each on CUDA) and a callback
-times the optimizer step. Phases, in seconds per optimizer step:
+times the optimizer step. On a CPU the timer is the wall clock or, with ``--clock process``, the process CPU time
+(use it with ``OMP_NUM_THREADS=1`` on a machine shared with other jobs). Phases, in seconds per optimizer step:
 
 - ``rollout``: ``_generate_single_turn`` (masked-diffusion decoding of the generation batch);
 - ``log_prob``: ``_log_probs_per_iteration`` (the old / reference surrogate forwards at generation time, one set per
@@ -218,8 +219,10 @@ class PhaseProfiler(TrainerCallback):
     ``steps`` holds one dict per optimizer step: seconds per phase, and on CUDA the peak allocated MiB per leaf phase.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.device = device
+        # process CPU time is robust on a CPU shared with other jobs when torch runs on one thread
+        self.now = time.process_time if clock == "process" and device.type == "cpu" else time.perf_counter
         self.steps: list[dict] = []
         self._current: dict = defaultdict(float)
         self._step_start = None
@@ -242,12 +245,12 @@ class PhaseProfiler(TrainerCallback):
         @functools.wraps(method)
         def timed(*args, **kwargs):
             self._begin_leaf(phase)
-            start = time.perf_counter()
+            start = self.now()
             try:
                 return method(*args, **kwargs)
             finally:
                 _synchronize(self.device)
-                self._current[phase] += time.perf_counter() - start
+                self._current[phase] += self.now() - start
                 self._end_leaf(phase)
 
         setattr(owner, method_name, timed)
@@ -270,21 +273,21 @@ class PhaseProfiler(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         _synchronize(self.device)
         self._current = defaultdict(float)
-        self._step_start = time.perf_counter()
+        self._step_start = self.now()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._begin_leaf("optimizer")
-        self._optimizer_start = time.perf_counter()
+        self._optimizer_start = self.now()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         _synchronize(self.device)
-        self._current["optimizer"] += time.perf_counter() - self._optimizer_start
+        self._current["optimizer"] += self.now() - self._optimizer_start
         self._end_leaf("optimizer")
 
     def on_step_end(self, args, state, control, **kwargs):
         _synchronize(self.device)
         record = dict(self._current)
-        record["step"] = time.perf_counter() - self._step_start
+        record["step"] = self.now() - self._step_start
         generate_and_score = record.pop("generate_and_score", 0.0)
         record["scoring"] = max(generate_and_score - record.get("rollout", 0.0) - record.get("log_prob", 0.0), 0.0)
         for phase in PHASES:
@@ -415,7 +418,7 @@ def run_config(config: BenchConfig, args, device: torch.device, dtype: torch.dty
     try:
         with tempfile.TemporaryDirectory(prefix="bench_trainer_") as output_dir:
             trainer = build_trainer(config, args, device, dtype, output_dir)
-            profiler = PhaseProfiler(device)
+            profiler = PhaseProfiler(device, args.clock)
             profiler.attach(trainer)
             trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             if device.type == "cuda":
@@ -498,6 +501,13 @@ def parse_args(argv=None):
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 8 / 32 / 128 by size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="CPU only: wall time, or process CPU time (use it with one thread on a machine shared with other jobs; "
+        "with several threads it adds up their CPU time, spin-waits included)",
+    )
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -519,6 +529,7 @@ def main(argv=None) -> dict:
         "hardware": hardware,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "clock": "cuda-synchronized wall" if device.type == "cuda" else args.clock,
         "dtype": str(dtype),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
