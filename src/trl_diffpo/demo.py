@@ -73,17 +73,17 @@ class DemoSettings:
     sft_batch_size: int = 64
     sft_learning_rate: float = 1e-3
     # RL (DiffpoTrainer + sampler head)
-    rl_steps: int = 120
+    rl_steps: int = 200
     prompts_per_step: int = 8
     num_generations: int = 8
-    num_iterations: int = 2
-    rl_learning_rate: float = 1e-4
+    num_iterations: int = 1
+    rl_learning_rate: float = 5e-5
     rl_temperature: float = 1.0
     epsilon: float = 0.2
     fixed_threshold: float = 0.1
-    threshold_max: float = 2.0
-    nfe_penalty: float = 1.0
-    head_learning_rate: float = 3e-3
+    threshold_max: float = 1.0
+    nfe_penalty: float = 0.3
+    head_learning_rate: float = 1e-3
     head_sigma: float = 0.5
     head_scale_advantages: bool = False
     # evaluation
