@@ -50,6 +50,7 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy_vs_nfe.png"
 LEARNED = "learned"  # the threshold token of a setting that uses the sampler head
 RESULTS_FORMAT_VERSION = 1
+PLOT_MARGIN = 3.0  # accuracy points of head room above and below the plotted results
 # spreads seeds of consecutive batches apart (any odd constant works; fixed so results are reproducible)
 _BATCH_SEED_STRIDE = 9_973
 
@@ -493,6 +494,9 @@ def plot_accuracy_vs_nfe(
                 linewidths=1.2,
                 zorder=3,
             )
+        percents = [100 * r.accuracy for r in results]
+        if percents:  # at least a few points of range, so a flat set of results does not zoom into noise
+            axes.set_ylim(max(-2.0, min(percents) - PLOT_MARGIN), min(102.0, max(percents) + PLOT_MARGIN))
         axes.set_xlabel("mean NFE (forward passes per sample)")
         axes.set_ylabel("accuracy (%)")
         axes.set_title(title or "accuracy vs decoding cost")
