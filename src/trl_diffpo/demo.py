@@ -493,26 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None) -> DemoSettings:
-    """Settings from the command line; ``--quick`` shrinks the phases unless a size is given explicitly."""
+    """Settings from the command line; ``--quick`` shrinks the phases, and explicit options still override it."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    settings = DemoSettings()
-    if namespace.quick:
-        settings.apply_quick()
-    explicit = {
-        action.dest
-        for action in parser._actions
-        if any(
-            option in (argv or []) or any(a.startswith(option + "=") for a in argv or [])
-            for option in action.option_strings
-        )
-    }
-    for field_ in dataclasses.fields(DemoSettings):
-        if field_.name in explicit or not namespace.quick or field_.name in ("quick", "output_dir", "seed"):
-            value = getattr(namespace, field_.name)
-            setattr(settings, field_.name, tuple(value) if isinstance(value, list) else value)
-    settings.quick = namespace.quick
-    return settings
+    if namespace.quick:  # quick values become the defaults, then parse again so explicit flags win
+        quick = DemoSettings()
+        quick.apply_quick()
+        parser.set_defaults(**{f.name: getattr(quick, f.name) for f in dataclasses.fields(DemoSettings)})
+        namespace = parser.parse_args(argv)
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(DemoSettings)}
+    return DemoSettings(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 def run_demo(settings: DemoSettings) -> dict:
