@@ -348,6 +348,10 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
     started = time.perf_counter()
     trainer.train()
     info = {"rl_seconds": time.perf_counter() - started, "log_history": trainer.state.log_history}
+    try:  # the trainer's scratch folder stays empty (save_strategy="no"); the model goes to <output_dir>/model
+        os.rmdir(args.output_dir)
+    except OSError:
+        pass
     return trainer, callback, info
 
 
