@@ -69,7 +69,8 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float16 is left out: the Trainer's fp16 mode needs float32 master weights (it refuses to unscale fp16 gradients)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LIKELIHOODS = ("mean_field", "two_stage")
 SAMPLERS = ("low_confidence", "entropy_bounded")
 FINETUNE_MODES = ("lora", "full")
@@ -113,6 +114,11 @@ def build_vocab_tokenizer(vocab_size: int, mask_token_id: int, eos_token_id: int
 
     from trl_diffpo.tiny import DEFAULT_CHARACTERS
 
+    if not (0 <= mask_token_id < vocab_size and 0 <= eos_token_id < vocab_size and mask_token_id != eos_token_id):
+        raise ValueError(
+            f"mask_token_id={mask_token_id} and eos_token_id={eos_token_id} must be distinct ids below "
+            f"vocab_size={vocab_size}."
+        )
     special = {mask_token_id: "<mask>", eos_token_id: "<eos>"}
     characters = iter(["<unk>", *dict.fromkeys(DEFAULT_CHARACTERS)])
     vocab = {}
@@ -343,7 +349,6 @@ def build_trainer(config: BenchConfig, args, device: torch.device, dtype: torch.
         output_dir=output_dir,
         use_cpu=device.type == "cpu",
         bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
