@@ -38,9 +38,11 @@ model's vocabulary, with ``[MASK]`` / EOS at the model's ids (LLaDA's 126336 / 1
 
 Examples::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_trainer.py --device cpu --size tiny --output trainer_tiny.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_trainer.py --device cpu --size tiny --clock process \\
+        --output trainer_tiny.json
     python benchmarks/bench_trainer.py --device cuda --dtype bfloat16 --size llada8b --finetune lora \\
-        --gen-len 256 --block 32 --steps 128 --batch 8 --num-generations 8 --gradient-checkpointing --max-steps 3
+        --prompt-len 256 --gen-len 256 --block 32 --steps 128 --batch 8 --num-generations 8 \\
+        --gradient-checkpointing --max-steps 3 --output trainer_llada8b_lora.json
 """
 
 from __future__ import annotations
