@@ -21,16 +21,16 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from .layers import (
+    MaskedLMHeadMixin,
     NoAutoregressiveGenerationMixin,
     RMSNorm,
     apply_rotary,
     attention_function,
     bidirectional_attention_mask,
     default_position_ids,
-    refuse_labels,
     rotary_cos_sin,
     special_token_generation_config,
 )
@@ -282,7 +282,7 @@ class DreamBaseModel(DreamPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-class DreamModel(DreamPreTrainedModel):
+class DreamModel(MaskedLMHeadMixin, DreamPreTrainedModel):
     """Dream with its LM head; logits are shifted (position ``i`` predicts token ``i + 1``).
 
     The class name is the ``architectures`` entry of the official checkpoints. Loading them needs no remote code::
@@ -314,29 +314,6 @@ class DreamModel(DreamPreTrainedModel):
     def get_decoder(self) -> DreamBaseModel:
         return self.model
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        """Shifted logits ``(batch, seq_len, vocab_size)``; see :meth:`DreamBaseModel.forward` for the arguments."""
-        refuse_labels(labels)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        logits = self.lm_head(outputs.last_hidden_state)
-        output = MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Shifted logits: position ``i`` predicts token ``i + 1`` (as Dream was trained)."""
+        return self.lm_head(hidden_states)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -173,3 +174,40 @@ class NoAutoregressiveGenerationMixin:
             f"{type(self).__name__} is a masked diffusion LM: it does not generate left to right. Decode with "
             "`trl_diffpo.diffusion_generate(model, input_ids, attention_mask, ...)`."
         )
+
+
+class MaskedLMHeadMixin:
+    """``forward`` of the LM classes: run the trunk ``self.model`` and project its last hidden state with
+    :meth:`output_logits` (each class defines how). Returns a ``MaskedLMOutput`` (or its tuple with
+    ``return_dict=False``); ``labels`` are refused (see :func:`refuse_labels`)."""
+
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        """Logits ``(batch, seq_len, vocab)`` from :meth:`output_logits`; the arguments are the trunk's."""
+        refuse_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        output = MaskedLMOutput(
+            logits=self.output_logits(outputs.last_hidden_state), hidden_states=outputs.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()

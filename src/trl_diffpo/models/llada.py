@@ -22,16 +22,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from .layers import (
+    MaskedLMHeadMixin,
     NoAutoregressiveGenerationMixin,
     RMSNorm,
     apply_rotary,
     attention_function,
     bidirectional_attention_mask,
     default_position_ids,
-    refuse_labels,
     rotary_cos_sin,
     special_token_generation_config,
 )
@@ -352,7 +352,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-class LLaDAModelLM(LLaDAPreTrainedModel):
+class LLaDAModelLM(MaskedLMHeadMixin, LLaDAPreTrainedModel):
     """LLaDA with its output layer: returns aligned logits (position ``i`` predicts token ``i``).
 
     The class name is the ``architectures`` entry of the official checkpoints. Loading them needs no remote code::
@@ -383,31 +383,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     def get_decoder(self) -> LLaDAModel:
         return self.model
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        """Logits ``(batch, seq_len, embedding_size)``; see :meth:`LLaDAModel.forward` for the arguments."""
-        refuse_labels(labels)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        logits = self.model.transformer.ff_out(outputs.last_hidden_state)
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Aligned logits ``(batch, seq_len, embedding_size)``: position ``i`` predicts token ``i``."""
+        logits = self.model.transformer.ff_out(hidden_states)
         if self.config.scale_logits:
             logits = logits * (1.0 / math.sqrt(self.config.d_model))
-        output = MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return logits
