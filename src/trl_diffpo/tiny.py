@@ -26,24 +26,31 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(characters: str = DEFAULT_CHARACTERS, chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one token per character, special tokens first (``<pad>`` = 0)."""
+def char_level_tokenizer(vocab: dict[str, int], **special_tokens: str) -> PreTrainedTokenizerFast:
+    """A tokenizer over a given vocabulary (token -> id) that splits text into single characters: a ``tokenizers``
+    WordLevel model (unknown characters map to ``<unk>``, which ``vocab`` must hold) with left padding, wrapped in
+    ``PreTrainedTokenizerFast``. ``special_tokens`` are its keyword arguments, e.g. ``pad_token="<pad>"``.
+
+    Example:
+        >>> tokenizer = char_level_tokenizer({"<unk>": 0, "<eos>": 1, "a": 2, "b": 3}, eos_token="<eos>")
+        >>> tokenizer("ab")["input_ids"]
+        [2, 3]
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for char in dict.fromkeys(characters):
-        vocab.setdefault(char, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        mask_token="<mask>",
-        unk_token="<unk>",
-        padding_side="left",
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", padding_side="left", **special_tokens)
+
+
+def build_char_tokenizer(characters: str = DEFAULT_CHARACTERS, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character, special tokens first (``<pad>`` = 0)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in dict.fromkeys(characters):
+        vocab.setdefault(char, len(vocab))
+    tokenizer = char_level_tokenizer(
+        vocab, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", mask_token="<mask>"
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
