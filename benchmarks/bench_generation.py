@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,6 +44,17 @@ import torch
 from trl_diffpo.backbones import DiffusionBackbone, get_backbone
 from trl_diffpo.generation import diffusion_generate
 from trl_diffpo.samplers import SAMPLERS
+
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+if BENCHMARKS_DIR not in sys.path:  # loaded by file path (the tests): make the shared helpers importable
+    sys.path.insert(0, BENCHMARKS_DIR)
+from _common import (  # noqa: E402
+    DTYPES,
+    add_model_arguments,
+    add_run_arguments,
+    materialise_random_weights,
+    setup_device,
+)
 
 # Shapes of the random-weight bidirectional Llamas (the tiny size comes from trl_diffpo.tiny).
 MODEL_SHAPES = {
@@ -64,8 +77,6 @@ MODEL_SHAPES = {
         "eos_token_id": 126081,
     },
 }
-INIT_STD = 0.02  # normal init of the random weights
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIRST_REGULAR_TOKEN = 5  # prompts avoid the low ids where special tokens usually live
 
 
@@ -101,14 +112,7 @@ def build_random_bidirectional_llama(shape: dict, device: torch.device, dtype: t
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:  # RMSNorm scales
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, INIT_STD, generator=generator)
+    model = materialise_random_weights(model, device, dtype, seed)
     # Non-persistent buffers (the rotary frequencies) are not parameters: rebuild them on the device in float32.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config).to(device)
@@ -229,11 +233,7 @@ def markdown_table(results: list[SamplerResult]) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
-    )
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "llada8b"])
+    add_model_arguments(parser, DTYPES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--gen-len", type=int, default=256)
@@ -244,13 +244,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "process"],
-        help="CPU only: wall time, or process CPU time (use with --threads 1 on a shared machine)",
+    add_run_arguments(
+        parser, clock_help="CPU only: wall time, or process CPU time (use with --threads 1 on a shared machine)"
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -258,10 +253,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[SamplerResult]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = setup_device(args, DTYPES)
     model, mask_token_id, vocab_size = build_model(args.size, device, dtype)
     backbone = get_backbone(model, mask_token_id=mask_token_id)
     prompt_generator = torch.Generator(device=device).manual_seed(args.seed)

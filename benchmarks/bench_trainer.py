@@ -71,13 +71,24 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+if BENCHMARKS_DIR not in sys.path:  # loaded by file path (the tests): make the shared helpers importable
+    sys.path.insert(0, BENCHMARKS_DIR)
+from _common import DTYPES as ALL_DTYPES  # noqa: E402
+from _common import (  # noqa: E402
+    INIT_STD,  # noqa: F401 (the random weights' std; the tests read it as bench_trainer.INIT_STD)
+    add_model_arguments,
+    add_run_arguments,
+    materialise_random_weights,
+    setup_device,
+)
+
 # float16 is left out: the Trainer's fp16 mode needs float32 master weights (it refuses to unscale fp16 gradients)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}
 LIKELIHOODS = ("mean_field", "two_stage")
 SAMPLERS = ("low_confidence", "entropy_bounded")
 FINETUNE_MODES = ("lora", "full")
 HEAD_MODES = ("off", "on")
-INIT_STD = 0.02  # normal init of the random weights (LLaDA's init_std)
 LORA_RANKS = {"tiny": 8, "small": 32, "llada8b": 128}
 LORA_ALPHA = 64  # d1's LoRA alpha for r=128
 TINY_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,10 +122,7 @@ def build_vocab_tokenizer(vocab_size: int, mask_token_id: int, eos_token_id: int
     """A character-level tokenizer covering ``vocab_size`` ids: ``[MASK]`` and EOS (also the pad, as in LLaDA) at the
     given ids, the characters of :mod:`trl_diffpo.tiny` at the lowest free ids, filler tokens ``<tN>`` elsewhere (so
     that every id the random model samples decodes)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from trl_diffpo.tiny import DEFAULT_CHARACTERS
+    from trl_diffpo.tiny import DEFAULT_CHARACTERS, char_level_tokenizer
 
     if not (0 <= mask_token_id < vocab_size and 0 <= eos_token_id < vocab_size and mask_token_id != eos_token_id):
         raise ValueError(
@@ -127,17 +135,7 @@ def build_vocab_tokenizer(vocab_size: int, mask_token_id: int, eos_token_id: int
     for token_id in range(vocab_size):
         token = special.get(token_id) or next(characters, None) or f"<t{token_id}>"
         vocab[token] = token_id
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<eos>",
-        eos_token="<eos>",
-        mask_token="<mask>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    return char_level_tokenizer(vocab, pad_token="<eos>", eos_token="<eos>", mask_token="<mask>")
 
 
 def build_random_llada(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -148,14 +146,7 @@ def build_random_llada(shape: dict, device: torch.device, dtype: torch.dtype, se
     config = LLaDAConfig(**shape)
     with torch.device("meta"):
         model = LLaDAModelLM(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:  # RMSNorm scales
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, INIT_STD, generator=generator)
+    model = materialise_random_weights(model, device, dtype, seed)
     if any(True for _ in model.buffers()):  # LLaDA computes its rotary tables on the fly: nothing to rebuild
         raise RuntimeError("The LLaDA model has buffers that the meta-device build leaves uninitialised.")
     return model
@@ -481,11 +472,7 @@ def markdown_table(results: list[dict], device: torch.device) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
-    )
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "llada8b"])
+    add_model_arguments(parser, DTYPES)
     parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (characters)")
     parser.add_argument("--gen-len", type=int, default=32, help="completion (canvas) length")
     parser.add_argument("--block", type=int, default=16, help="semi-autoregressive block length")
@@ -506,14 +493,10 @@ def parse_args(argv=None):
     parser.add_argument("--head", nargs="+", default=list(HEAD_MODES), choices=HEAD_MODES, help="SamplerHeadCallback")
     parser.add_argument("--finetune", nargs="+", default=list(FINETUNE_MODES), choices=FINETUNE_MODES)
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 8 / 32 / 128 by size")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "process"],
-        help="CPU only: wall time, or process CPU time (use it with one thread on a machine shared with other jobs; "
-        "with several threads it adds up their CPU time, spin-waits included)",
+    add_run_arguments(
+        parser,
+        clock_help="CPU only: wall time, or process CPU time (use it with one thread on a machine shared with other "
+        "jobs; with several threads it adds up their CPU time, spin-waits included)",
     )
     parser.add_argument("--output", default=None, help="write the results to this JSON file")
     return parser.parse_args(argv)
@@ -521,10 +504,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = setup_device(args, DTYPES)
     import transformers
 
     transformers.logging.set_verbosity_error()
