@@ -29,9 +29,8 @@ from .layers import (
     RMSNorm,
     apply_rotary,
     attention_function,
-    bidirectional_attention_mask,
-    default_position_ids,
-    rotary_cos_sin,
+    check_trunk_inputs,
+    run_bidirectional_layers,
     special_token_generation_config,
 )
 
@@ -252,34 +251,12 @@ class DreamBaseModel(DreamPreTrainedModel):
             use_cache: accepted for API compatibility; there is no KV cache and ``True`` is an error.
             return_dict: ``False`` returns a tuple instead of the output object.
         """
-        if use_cache:
-            raise ValueError("Dream is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        check_trunk_inputs("Dream", input_ids, inputs_embeds, use_cache)
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if position_ids is None:
-            position_ids = default_position_ids(hidden_states.shape[:2], attention_mask, hidden_states.device)
-        position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask)
-
-        all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states, attention_mask=mask, position_embeddings=position_embeddings, **kwargs
-            )
-        hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        output = BaseModelOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
-        return output if return_dict is not False else output.to_tuple()
+        return run_bidirectional_layers(
+            self.config, hidden_states, attention_mask, position_ids, self.layers, self.norm,
+            output_hidden_states, return_dict, **kwargs,
+        )  # fmt: skip
 
 
 class DreamModel(MaskedLMHeadMixin, DreamPreTrainedModel):

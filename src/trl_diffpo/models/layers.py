@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -211,3 +211,47 @@ class MaskedLMHeadMixin:
             logits=self.output_logits(outputs.last_hidden_state), hidden_states=outputs.hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def check_trunk_inputs(name: str, input_ids, inputs_embeds, use_cache: bool | None) -> None:
+    """Refuse a KV cache (there is none) and require exactly one of ``input_ids`` / ``inputs_embeds``."""
+    if use_cache:
+        raise ValueError(f"{name} is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+
+
+def run_bidirectional_layers(
+    config,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+    layers: nn.ModuleList,
+    final_norm: nn.Module,
+    output_hidden_states: bool | None,
+    return_dict: bool | None,
+    **kwargs,
+):
+    """The trunk after the embeddings, shared by LLaDA and Dream: RoPE tables, the bidirectional padding mask, every
+    layer, the final norm. Returns a ``BaseModelOutput`` (a tuple with ``return_dict=False``); with
+    ``output_hidden_states`` its ``hidden_states`` are every layer's input and the final-norm output."""
+    if output_hidden_states is None:
+        output_hidden_states = config.output_hidden_states
+    if position_ids is None:
+        position_ids = default_position_ids(hidden_states.shape[:2], attention_mask, hidden_states.device)
+    position_embeddings = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+    mask = bidirectional_attention_mask(config, hidden_states, attention_mask)
+
+    all_hidden_states = [] if output_hidden_states else None
+    for layer in layers:
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings, **kwargs)
+    hidden_states = final_norm(hidden_states)
+    if all_hidden_states is not None:
+        all_hidden_states.append(hidden_states)
+    output = BaseModelOutput(
+        last_hidden_state=hidden_states,
+        hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+    )
+    return output if return_dict is not False else output.to_tuple()

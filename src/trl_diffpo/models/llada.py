@@ -30,9 +30,8 @@ from .layers import (
     RMSNorm,
     apply_rotary,
     attention_function,
-    bidirectional_attention_mask,
-    default_position_ids,
-    rotary_cos_sin,
+    check_trunk_inputs,
+    run_bidirectional_layers,
     special_token_generation_config,
 )
 
@@ -316,40 +315,15 @@ class LLaDAModel(LLaDAPreTrainedModel):
             use_cache: accepted for API compatibility; LLaDA has no KV cache and ``True`` is an error.
             return_dict: ``False`` returns a tuple instead of the output object.
         """
-        if use_cache:
-            raise ValueError("LLaDA is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        if inputs_embeds is None:
-            inputs_embeds = self.transformer.wte(input_ids)
-        hidden_states = inputs_embeds
+        check_trunk_inputs("LLaDA", input_ids, inputs_embeds, use_cache)
+        hidden_states = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.input_emb_norm:
             hidden_states = hidden_states * math.sqrt(self.config.d_model)
         hidden_states = self.transformer.emb_drop(hidden_states)
-
-        if position_ids is None:
-            position_ids = default_position_ids(hidden_states.shape[:2], attention_mask, hidden_states.device)
-        position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = bidirectional_attention_mask(self.config, hidden_states, attention_mask)
-
-        all_hidden_states = [] if output_hidden_states else None
-        for block in self.transformer.blocks:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = block(
-                hidden_states, attention_mask=mask, position_embeddings=position_embeddings, **kwargs
-            )
-        hidden_states = self.transformer.ln_f(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        output = BaseModelOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-        )
-        return output if return_dict is not False else output.to_tuple()
+        return run_bidirectional_layers(
+            self.config, hidden_states, attention_mask, position_ids, self.transformer.blocks, self.transformer.ln_f,
+            output_hidden_states, return_dict, **kwargs,
+        )  # fmt: skip
 
 
 class LLaDAModelLM(MaskedLMHeadMixin, LLaDAPreTrainedModel):
