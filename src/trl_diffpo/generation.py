@@ -406,8 +406,7 @@ def diffusion_generate(
 
     completion = canvas[:, prompt_length:]
     if eos_token_id is not None:
-        is_eos = completion == eos_token_id
-        first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), gen_length)
+        first_eos = first_true_index(completion == eos_token_id)
         completion_mask = torch.arange(gen_length, device=device)[None, :] <= first_eos[:, None]
     else:
         completion_mask = torch.ones_like(completion, dtype=torch.bool)
@@ -422,11 +421,11 @@ def diffusion_generate(
     )
 
 
+def first_true_index(flags: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` index of the first ``True`` along the last dimension of ``flags``; its length where there is none."""
+    return torch.where(flags.any(-1), flags.int().argmax(-1), flags.shape[-1])
+
+
 def _finished_at_eos(completion: torch.Tensor, mask_id: int, eos_token_id: int) -> torch.Tensor:
     """``(rows,)`` whether every position up to and including the row's first EOS is decoded."""
-    length = completion.shape[1]
-    is_mask = completion == mask_id
-    is_eos = completion == eos_token_id
-    first_mask = torch.where(is_mask.any(-1), is_mask.int().argmax(-1), length)
-    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), length)
-    return first_eos < first_mask
+    return first_true_index(completion == eos_token_id) < first_true_index(completion == mask_id)

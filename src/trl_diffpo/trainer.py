@@ -43,7 +43,7 @@ from trl.trainer.utils import (
 
 from .backbones import DiffusionBackbone, check_bidirectional, is_shifted_logits_model, resolve_mask_token_id
 from .config import DiffpoConfig
-from .generation import DiffusionGenerateOutput, diffusion_generate
+from .generation import DiffusionGenerateOutput, diffusion_generate, first_true_index
 from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs, token_stages
 from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
 
@@ -377,7 +377,7 @@ class DiffpoTrainer(GRPOTrainer):
         # TRL's completions end at the first EOS (any of the model's EOS ids); the canvas stays in the trace.
         completion = rollout.completion_ids
         is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
-        lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, completion.shape[1]).tolist()
+        lengths = (first_true_index(is_eos) + 1).clamp(max=completion.shape[1]).tolist()
         completion_ids = [row[:n].tolist() for row, n in zip(completion.cpu(), lengths, strict=True)]
         logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs.cpu(), lengths, strict=True)]
         return completion_ids, logprobs
