@@ -179,13 +179,16 @@ class DiffpoTrainer(GRPOTrainer):
         base_model = model.get_base_model() if is_peft_model(model) else model
         self._prepare_model_for_grpo(base_model, args, processing_class)
 
-        # TRL would rebuild the reference model from `_name_or_path`, which fails for models built in memory: take a
-        # frozen copy now (before TRL patches `forward`), and hide beta from TRL while it initialises.
-        needs_reference = args.beta != 0.0
+        # Full fine-tuning: TRL would rebuild the reference model from `_name_or_path`, which fails for models built
+        # in memory, so take a frozen copy now (before TRL patches `forward`) and hide beta from TRL while it
+        # initialises. PEFT: TRL builds no reference model, and for a model that already carries an adapter it copies
+        # that adapter into a frozen "ref" adapter only when it sees beta != 0, so beta stays visible.
+        uses_peft = peft_config is not None or is_peft_model(model)
         reference = None
-        if needs_reference and peft_config is None and not is_peft_model(model):
+        hidden = {"sync_ref_model": False}
+        if args.beta != 0.0 and not uses_peft:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
-        hidden = {"beta": 0.0, "sync_ref_model": False}
+            hidden["beta"] = 0.0
         if loaded_here:  # already applied: keep TRL from warning that they are ignored
             hidden["model_init_kwargs"] = None
         saved = {key: getattr(args, key) for key in hidden}
