@@ -4,8 +4,8 @@ already carries an adapter, the off-policy mask, entropy outside the autograd gr
 
 import pytest
 import torch
-from test_trainer import logged, make_trainer, snapshot, text_reward
 
+from test_trainer import logged, make_trainer, snapshot
 from trl_diffpo.backbones import get_backbone
 from trl_diffpo.likelihood import surrogate_log_probs
 from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
@@ -50,3 +50,79 @@ def test_existing_adapter_is_its_own_frozen_reference(tokenizer, tmp_path):
     after = snapshot(trainer.model)
     assert all(torch.equal(after[name], value) for name, value in reference_before.items()), "reference moved"
     assert any(not torch.equal(after[name], value) for name, value in policy_before.items()), "policy did not train"
+
+
+# ------------------------------------------------------------------------------------------- 2. the off-policy mask
+
+
+def test_off_policy_mask_sees_no_staleness_on_fresh_rollouts(tokenizer, tmp_path):
+    """At zero staleness the mask must keep every sequence: the loss equals the loss without the mask. It used to
+    compare the behaviour log-probs of the sampler with the surrogate (mean-field: a large structural gap)."""
+    settings = {"likelihood": "mean_field", "num_iterations": 1, "max_steps": 2, "learning_rate": 0.0}
+    plain = make_trainer(tokenizer, tmp_path / "plain", **settings)
+    plain.train()
+    masked = make_trainer(tokenizer, tmp_path / "masked", off_policy_mask_threshold=1e-6, **settings)
+    masked.train()
+    assert logged(plain, "loss") == logged(masked, "loss")
+    assert any(value != 0.0 for value in logged(plain, "loss"))
+    assert "sampling_per_token_logps" not in masked._buffered_inputs[0]
+
+
+# ----------------------------------------------------------------------------------- 4. entropy outside the graph
+
+
+def _saved_bytes(function):
+    """Bytes of the tensors autograd saves for backward while ``function`` runs."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return total[0], result
+
+
+def test_entropy_is_computed_without_graph_unless_asked(tokenizer):
+    model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
+    backbone = get_backbone(model)
+    generator = torch.Generator().manual_seed(0)
+    batch, prompt_length, gen_length = 3, 4, 6
+    sequences = torch.randint(5, len(tokenizer), (batch, prompt_length + gen_length), generator=generator)
+    unmask_step = torch.randint(1, 4, (batch, gen_length), generator=generator)
+    inputs = (
+        backbone,
+        sequences,
+        torch.ones(batch, prompt_length, dtype=torch.long),
+        unmask_step,
+        torch.zeros(batch, prompt_length, dtype=torch.bool),
+        torch.tensor([[0, 1]] * batch),
+    )
+    without, (logps, entropy) = _saved_bytes(lambda: surrogate_log_probs(*inputs, temperature=0.9))
+    assert entropy is None and logps.requires_grad
+    metric, (_, entropy) = _saved_bytes(lambda: surrogate_log_probs(*inputs, temperature=0.9, compute_entropy=True))
+    assert metric == without, "the entropy metric must not keep tensors alive for backward"
+    assert not entropy.requires_grad and (entropy > 0).all()
+    bonus, (_, graph_entropy) = _saved_bytes(
+        lambda: surrogate_log_probs(*inputs, temperature=0.9, compute_entropy=True, entropy_requires_grad=True)
+    )
+    assert graph_entropy.requires_grad and bonus > without
+    torch.testing.assert_close(graph_entropy.detach(), entropy)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_trainer_keeps_the_entropy_graph_only_for_the_entropy_bonus(tokenizer, tmp_path, entropy_coef):
+    trainer = make_trainer(tokenizer, tmp_path, max_steps=1, entropy_coef=entropy_coef)
+    seen = []
+    original = trainer._surrogate
+
+    def recording(*args, **kwargs):
+        logps, entropy = original(*args, **kwargs)
+        if entropy is not None:
+            seen.append(entropy.requires_grad)
+        return logps, entropy
+
+    trainer._surrogate = recording
+    trainer.train()
+    assert seen and all(flag == (entropy_coef != 0.0) for flag in seen)

@@ -428,6 +428,7 @@ class DiffpoTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 batch_size=batch_size,
                 compute_entropy=compute_entropy,
+                entropy_requires_grad=self._entropy_bonus_enabled,  # TRL's entropy bonus is the only gradient user
                 # every forward is a collective under ZeRO-3 / FSDP: make the count independent of the draws
                 every_stage=self._dist.is_zero3 or self.is_fsdp_enabled,
             )
@@ -480,6 +481,11 @@ class DiffpoTrainer(GRPOTrainer):
             self._defer_log_probs = False
         output.pop("old_per_token_logps", None)
         output.pop("ref_per_token_logps", None)
+        # TRL keeps the returned behaviour log-probs as `sampling_per_token_logps`, and its off-policy mask
+        # (`off_policy_mask_threshold`) would compare them with the current surrogate: that is the structural
+        # surrogate-vs-sampler gap (the IS weight's business), not staleness. Without them the mask compares the
+        # iteration's old surrogate log-probs with the current ones, as it should.
+        output.pop("sampling_per_token_logps", None)
         rollout, self._last_rollout = self._last_rollout, None
         trace = rollout.output
         gen_length = trace.unmask_step.shape[1]
