@@ -23,9 +23,7 @@ def _model_with_trained_adapter(tokenizer):
     from peft import LoraConfig, get_peft_model
 
     model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    )
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

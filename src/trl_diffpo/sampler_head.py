@@ -194,8 +194,8 @@ class SamplerHead(nn.Module):
     """Maps a pooled prompt hidden state to a Gaussian policy over the decoding threshold of that prompt.
 
     ``mu(c) = MLP(layer_norm(h(c)))`` in u-space; threshold ``= low + (high - low) * sigmoid(u)``. The input is
-    detached (no gradient ever reaches the dLLM) and cast to the head's dtype, so the head can live in bf16 beside a
-    bf16 backbone (ZeRO-3 refuses mixed dtypes); the Gaussian's log-density is computed in float32. The last layer
+    detached (no gradient ever reaches the dLLM) and cast to the head's dtype: the head trains in float32 beside a bf16
+    backbone, and in bf16 only under ZeRO-3 (which refuses mixed dtypes); the Gaussian's log-density is computed in float32. The last layer
     starts at zero weight and bias ``u0``, so every prompt initially gets exactly ``config.init_threshold``.
 
     Attributes:
@@ -530,6 +530,11 @@ def _model_dtype_and_device(model: nn.Module) -> tuple[torch.dtype, torch.device
     return weight.dtype, weight.device
 
 
+def _is_zero3(trainer) -> bool:
+    """Whether ``trainer`` runs under DeepSpeed ZeRO-3 (TRL's distributed backend knows)."""
+    return bool(getattr(getattr(trainer, "_dist", None), "is_zero3", False))
+
+
 def _noise_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (stable across processes and Python runs)."""
     digest = hashlib.sha256("-".join(str(int(part)) for part in parts).encode()).digest()
@@ -569,7 +574,8 @@ class SamplerHeadCallback(TrainerCallback):
         head_config: a :class:`SamplerHeadConfig` or a dict of its fields (``sampler`` and ``input_size`` are filled
             in from the trainer). Fields can also be given as keyword arguments (``threshold_max=2.0``).
         scale_advantages: divide the group-centred sampler reward by the group std (+1e-4), as TRL's
-            ``scale_rewards="group"``; the head's step size then does not depend on the reward scale.
+            ``scale_rewards="group"``. Off by default: in a group whose task rewards tie, the std is that of the NFE
+            term alone, so any ``nfe_penalty > 0`` would become a unit-size push to decode faster.
         head_learning_rate: learning rate of the head's own optimizer parameter group (no weight decay; it follows
             the run's LR schedule). The dLLM's learning rate (e.g. 3e-6 for LoRA on LLaDA) would barely move the head.
             ``None`` leaves the head in the trainer's groups at the run's learning rate.
@@ -600,7 +606,7 @@ class SamplerHeadCallback(TrainerCallback):
         nfe_penalty: float = 0.0,
         head_config: SamplerHeadConfig | dict | None = None,
         *,
-        scale_advantages: bool = True,
+        scale_advantages: bool = False,
         head_learning_rate: float | None = 1e-3,
         head_loss_weight: float = 0.01,
         head_clip_epsilon: float | None = 0.2,
@@ -702,8 +708,8 @@ class SamplerHeadCallback(TrainerCallback):
         """Build the head for ``trainer``'s backbone and attach it as ``trainer.model.diffpo_sampler_head``.
 
         Called by ``DiffpoTrainer`` at the end of its ``__init__`` (before the optimizer and any DeepSpeed engine
-        exist, so the head joins both). Checks that the trainer decodes with an adaptive sampler, creates the head in
-        the backbone's dtype and device, freezes every other parameter in ``sampler_only`` mode, keeps the head's
+        exist, so the head joins both). Checks that the trainer decodes with an adaptive sampler, creates the head on
+        the backbone's device in float32 (in the backbone's dtype under ZeRO-3), freezes every other parameter in ``sampler_only`` mode, keeps the head's
         weights out of the model's own ``save_pretrained`` files (they go to ``sampler_head.safetensors``), gives the
         head its own optimizer parameter group and hooks checkpoint resumption.
         """
@@ -719,7 +725,10 @@ class SamplerHeadCallback(TrainerCallback):
         get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
         backbone = get_base() if callable(get_base) else model
         hidden_size = self.head_overrides.get("input_size") or _model_hidden_size(backbone)
-        dtype, device = _model_dtype_and_device(backbone)
+        backbone_dtype, device = _model_dtype_and_device(backbone)
+        # float32 by default: in bf16 an Adam step of 1e-3 cannot move a bias near 2.2 (bf16 spacing 0.0156 there).
+        # ZeRO-3 refuses a module of mixed dtypes, so there the head takes the backbone's dtype.
+        dtype = backbone_dtype if _is_zero3(trainer) else torch.float32
         if isinstance(getattr(model, HEAD_ATTRIBUTE, None), nn.Module):
             logger.warning("The model already carries a %s; SamplerHeadCallback replaces it.", HEAD_ATTRIBUTE)
         head = self.init_head(
