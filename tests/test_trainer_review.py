@@ -124,3 +124,70 @@ def test_trainer_keeps_the_entropy_graph_only_for_the_entropy_bonus(tokenizer, t
     trainer._surrogate = recording
     trainer.train()
     assert seen and all(flag == (entropy_coef != 0.0) for flag in seen)
+
+
+# -------------------------------------------------------------------- 5. sampler_only skips the frozen dLLM's surrogate
+
+
+def _count_surrogate_calls(trainer):
+    calls = {"no_grad": 0, "grad": 0}
+    original = trainer._surrogate
+
+    def counting(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return original(*args, **kwargs)
+
+    trainer._surrogate = counting
+    return calls
+
+
+def test_sampler_only_runs_no_surrogate_forward_and_trains_the_head(tokenizer, tmp_path):
+    from trl_diffpo import SamplerHeadCallback
+
+    callback = SamplerHeadCallback(mode="sampler_only", nfe_penalty=0.5, mlp_hidden_size=8, threshold_max=2.0)
+    trainer = make_trainer(
+        tokenizer, tmp_path, sampler="entropy_bounded", beta=0.04, num_iterations=2, callbacks=[callback]
+    )
+    calls = _count_surrogate_calls(trainer)
+    dllm_before = {n: p for n, p in snapshot(trainer.model).items() if "sampler_head" not in n}
+    head_before = snapshot(callback.head)
+    trainer.train()
+    assert calls == {"no_grad": 0, "grad": 0}
+    after = snapshot(trainer.model)
+    assert all(torch.equal(after[n], p) for n, p in dllm_before.items())
+    assert any(not torch.equal(p, head_before[n]) for n, p in snapshot(callback.head).items())
+    assert logged(trainer, "sampler_head/loss") and logged(trainer, "diffusion/nfe/mean")
+
+
+# ------------------------------------------------------------ 7. the old surrogate from the training forward, exactly
+
+
+def test_old_logps_come_from_the_training_forward_when_the_policy_has_not_moved(tokenizer, tmp_path):
+    """One inner iteration with generation at the optimizer step: the old log-probs are the detached current ones.
+    The trainer then skips their no-grad forward and takes the IS weight from the training forward; the run is the
+    same as with the separate forward."""
+    settings = {"num_iterations": 1, "gradient_accumulation_steps": 2, "max_steps": 3, "beta": 0.04}
+    fast = make_trainer(tokenizer, tmp_path / "fast", **settings)
+    fast_calls = _count_surrogate_calls(fast)
+    fast.train()
+    slow = make_trainer(tokenizer, tmp_path / "slow", **settings)
+    slow._old_logps_are_current = lambda mode: False  # the former behaviour: a separate no-grad forward
+    slow_calls = _count_surrogate_calls(slow)
+    slow.train()
+    assert fast_calls["grad"] == slow_calls["grad"] == 6  # 3 steps x 2 micro-batches
+    assert fast_calls["no_grad"] == 3 and slow_calls["no_grad"] == 6  # reference only / reference + old
+    for name, value in snapshot(slow.model).items():
+        torch.testing.assert_close(snapshot(fast.model)[name], value, atol=1e-6, rtol=1e-6)
+    for key in ("loss", "kl"):
+        assert logged(fast, key) == pytest.approx(logged(slow, key), abs=1e-6), key
+    # The IS metrics are then logged per micro-batch (averaged per logging step), not once per generation batch.
+    assert len(logged(fast, "diffpo/is_weight/mean")) == 3 and len(logged(fast, "diffpo/is_weight/clamped_frac")) == 3
+
+
+def test_old_logps_are_stored_when_the_policy_moves_in_between(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, num_iterations=2, max_steps=2)
+    calls = _count_surrogate_calls(trainer)
+    trainer.train()
+    inputs = trainer._buffered_inputs[0]
+    assert inputs["diffpo_old_logps"].shape[1] == 2 and inputs["diffpo_is_weight"].shape[1] == 2
+    assert calls["no_grad"] == 2  # old log-probs of both inner iterations, one batch

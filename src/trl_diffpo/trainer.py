@@ -36,7 +36,6 @@ from trl.trainer.utils import (
     disable_dropout_in_model,
     get_config_model_id,
     is_async_callable,
-    nanstd,
     pad,
     use_adapter,
 )
@@ -44,7 +43,8 @@ from trl.trainer.utils import (
 from .backbones import DiffusionBackbone, check_bidirectional, is_shifted_logits_model, resolve_mask_token_id
 from .config import DiffpoConfig
 from .generation import DiffusionGenerateOutput, diffusion_generate, first_true_index
-from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs, token_stages
+from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs
+from .rollout_metrics import importance_weight_metrics, rollout_metrics
 from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
 
 logger = get_logger(__name__)
@@ -52,8 +52,6 @@ logger = get_logger(__name__)
 # Offsets that give every process its own rollout / surrogate random stream.
 _PROCESS_SEED_STRIDE = 1_000_003
 _SURROGATE_SEED_OFFSET = 7_919
-# A weight within this relative distance of the clamp counts as clamped in the metrics.
-_CLAMP_TOLERANCE = 1e-6
 # Keys of the per-row DiFFPO context in the batch dict (batch-first tensors).
 _PREFIX = "diffpo_"
 
@@ -64,6 +62,18 @@ class _Rollout:
 
     prompt_mask: torch.Tensor
     output: DiffusionGenerateOutput
+
+
+@dataclass
+class _LossContext:
+    """What :meth:`DiffpoTrainer.compute_loss` hands to the log-prob hook TRL's loss calls: the batch, its inner
+    iteration, the inputs TRL's loss reads, whether the IS weight comes from the current forward, and the mode."""
+
+    inputs: dict
+    iteration: int
+    policy_inputs: dict
+    weight_from_current: bool
+    mode: str
 
 
 def _fit(tensor: torch.Tensor, width: int, fill: float) -> torch.Tensor:
@@ -239,7 +249,7 @@ class DiffpoTrainer(GRPOTrainer):
         self._last_rollout: _Rollout | None = None
         self._rewards_per_func: torch.Tensor | None = None
         self._defer_log_probs = False
-        self._surrogate_context: tuple[dict, int] | None = None
+        self._loss_context: _LossContext | None = None
 
         self.sampler_head_callback = next(
             (cb for cb in self.callback_handler.callbacks if getattr(cb, "is_sampler_head_callback", False)), None
@@ -251,8 +261,26 @@ class DiffpoTrainer(GRPOTrainer):
                     f"but sampler={args.sampler!r}. Choose an adaptive sampler or remove the SamplerHeadCallback."
                 )
             self.sampler_head_callback.setup(self)
+            if self._policy_is_frozen():
+                self._average_head_gradients_under_ddp()
 
     # ------------------------------------------------------------------------------------------------ construction
+
+    def _average_head_gradients_under_ddp(self) -> None:
+        """``sampler_only`` never calls the DDP-wrapped model's forward (the frozen dLLM needs no surrogate), and DDP
+        only reduces gradients after its own forward: average the head's gradients across processes as they arrive.
+        DeepSpeed reduces through its own gradient hooks, and a single process needs nothing."""
+        if self.accelerator.num_processes == 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        world_size = self.accelerator.num_processes
+
+        def average(gradient: torch.Tensor) -> torch.Tensor:
+            gradient = gradient.clone()
+            torch.distributed.all_reduce(gradient)
+            return gradient / world_size
+
+        for parameter in self.sampler_head_callback.head.parameters():
+            parameter.register_hook(average)
 
     @staticmethod
     def _load_policy(model_id: str, args: DiffpoConfig, quantization_config, processing_class):
@@ -440,25 +468,48 @@ class DiffpoTrainer(GRPOTrainer):
 
         TRL passes its EOS-truncated ids; the surrogate scores the raw canvas instead, with the draws of the current
         inner iteration (set by :meth:`compute_loss`). TRL's own generation-time calls are answered with
-        placeholders: the old and reference log-probs are computed per inner iteration afterwards.
+        placeholders: the old and reference log-probs are computed per inner iteration afterwards. When the batch
+        carries no old log-probs (they equal the detached current ones), the IS weight is computed here from this
+        very forward and folded into the advantages, which TRL's loss reads after this call.
         """
         width = logits_to_keep
-        if self._surrogate_context is None:
+        if self._loss_context is None:
             if self._defer_log_probs:
                 return input_ids.new_zeros((input_ids.shape[0], width), dtype=torch.float32), None, None
             raise RuntimeError(
                 "DiffpoTrainer computes log-probs on the sampled diffusion trace of a batch; "
                 "`_get_per_token_logps_and_entropies` was called outside `compute_loss`."
             )
-        context, iteration = self._surrogate_context
-        logps, entropy = self._surrogate(model, context, iteration, batch_size, compute_entropy)
+        context = self._loss_context
+        logps, entropy = self._surrogate(model, context.inputs, context.iteration, batch_size, compute_entropy)
+        if context.weight_from_current:
+            weight = self._importance_weights(context.inputs, logps[:, None], context.mode)[:, 0]
+            context.policy_inputs["advantages"] = context.inputs["advantages"][:, None] * _fit(weight, width, 1.0)
         return _fit(logps, width, 0.0), None if entropy is None else _fit(entropy, width, 0.0), None
 
+    def _old_logps_are_current(self, mode: str) -> bool:
+        """Whether the policy is unchanged between generation and every use of the batch, so that the old surrogate
+        log-probs equal the detached current ones (TRL's own criterion, plus one inner iteration)."""
+        if mode != "train":
+            return True
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.num_iterations == 1 and self.args.gradient_accumulation_steps % generate_every == 0
+
+    def _policy_is_frozen(self) -> bool:
+        """``sampler_only``: the dLLM does not train, so no surrogate log-probs are needed at all."""
+        head = self.sampler_head_callback
+        return head is not None and getattr(head, "mode", None) == "sampler_only"
+
     @torch.no_grad()
-    def _log_probs_per_iteration(self, context: dict, num_iterations: int, batch_size: int):
-        """Old (and reference) surrogate log-probs for every inner iteration: ``(batch, num_iterations, L)``."""
+    def _log_probs_per_iteration(self, context: dict, num_iterations: int, batch_size: int, need_old: bool):
+        """Old (when ``need_old``) and reference surrogate log-probs for every inner iteration: ``(batch,
+        num_iterations, L)`` each, or ``None``."""
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            old = [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
+            old = (
+                [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
+                if need_old
+                else None
+            )
             ref = None
             if self.beta != 0.0:
                 if self.ref_model is not None:
@@ -467,7 +518,21 @@ class DiffpoTrainer(GRPOTrainer):
                     unwrapped = self.accelerator.unwrap_model(self.model)
                     with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                         ref = [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
-        return torch.stack(old, dim=1), None if ref is None else torch.stack(ref, dim=1)
+        return (None if old is None else torch.stack(old, dim=1)), (None if ref is None else torch.stack(ref, dim=1))
+
+    def _importance_weights(self, context: dict, surrogate_logps: torch.Tensor, mode: str) -> torch.Tensor:
+        """``(batch, iterations, L)`` clamped IS weights of ``surrogate_logps`` (same shape) against the behaviour
+        log-probs of the rollouts; logs what the correction sees."""
+        gen_length = surrogate_logps.shape[-1]
+        loss_mask = _fit(context["completion_mask"].float(), gen_length, 0.0)[:, None]
+        behaviour = context[_PREFIX + "behaviour_logps"][:, None, :]
+        weight = importance_weights(surrogate_logps, behaviour, loss_mask, self.args.is_correction, self.args.is_clamp)
+        metrics = importance_weight_metrics(
+            weight, surrogate_logps.detach() - behaviour, loss_mask, self.args.is_clamp, self.accelerator.gather
+        )
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        return weight
 
     # ---------------------------------------------------------------------------------------------- the batch
 
@@ -488,7 +553,6 @@ class DiffpoTrainer(GRPOTrainer):
         output.pop("sampling_per_token_logps", None)
         rollout, self._last_rollout = self._last_rollout, None
         trace = rollout.output
-        gen_length = trace.unmask_step.shape[1]
 
         num_iterations = self.num_iterations if mode == "train" else 1
         draws = draw_surrogate_randomness(
@@ -512,21 +576,23 @@ class DiffpoTrainer(GRPOTrainer):
         }
         if trace.prompt_hidden is not None:
             context[_PREFIX + "prompt_hidden"] = trace.prompt_hidden
-        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
-        old_logps, ref_logps = self._log_probs_per_iteration(context, num_iterations, batch_size)
-        context[_PREFIX + "old_logps"] = old_logps
-        if ref_logps is not None:
-            context[_PREFIX + "ref_logps"] = ref_logps
-
-        loss_mask = _fit(output["completion_mask"].float(), gen_length, 0.0)
-        behaviour = trace.logprobs[:, None, :]
-        is_weight = importance_weights(old_logps, behaviour, loss_mask[:, None], args.is_correction, args.is_clamp)
-        context[_PREFIX + "is_weight"] = is_weight
+        # sampler_only: the frozen dLLM needs no surrogate at all. Otherwise the old log-probs (and the IS weight
+        # from them) are computed here only where the policy moves between generation and use.
+        if not self._policy_is_frozen():
+            batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+            need_old = not self._old_logps_are_current(mode)
+            old_logps, ref_logps = self._log_probs_per_iteration(context, num_iterations, batch_size, need_old)
+            if ref_logps is not None:
+                context[_PREFIX + "ref_logps"] = ref_logps
+            if old_logps is not None:
+                context[_PREFIX + "old_logps"] = old_logps
+                context[_PREFIX + "is_weight"] = self._importance_weights({**output, **context}, old_logps, mode)
 
         if self.sampler_head_callback is not None:
             context[_PREFIX + "sampler_advantages"] = self._sampler_advantages(trace, len(inputs), mode)
 
-        self._log_rollout_metrics(mode, trace, draws, old_logps, behaviour, is_weight, loss_mask)
+        for name, value in rollout_metrics(trace, draws, self.accelerator.gather).items():
+            self._metrics[mode][name].append(value)
         output.update(context)
         return output
 
@@ -543,48 +609,6 @@ class DiffpoTrainer(GRPOTrainer):
         start = self.accelerator.process_index * local_size
         return advantages[start : start + local_size].to(trace.nfe.device)
 
-    def _log_rollout_metrics(self, mode, trace, draws, old_logps, behaviour, is_weight, loss_mask) -> None:
-        gather = self.accelerator.gather
-        metrics = self._metrics[mode]
-        nfe = gather(trace.nfe.float())
-        metrics["diffusion/nfe/mean"].append(nfe.mean().item())
-        metrics["diffusion/nfe/min"].append(nfe.min().item())
-        metrics["diffusion/nfe/max"].append(nfe.max().item())
-        metrics["diffusion/tokens_per_step"].append(gather(trace.tokens_per_step).mean().item())
-        threshold = gather(trace.threshold.float())
-        threshold = threshold[~torch.isnan(threshold)]
-        if threshold.numel() > 0:  # fixed-schedule samplers have no threshold
-            metrics["diffusion/threshold/mean"].append(threshold.mean().item())
-            metrics["diffusion/threshold/std"].append(nanstd(threshold).item() if threshold.numel() > 1 else 0.0)
-            metrics["diffusion/threshold/min"].append(threshold.min().item())
-            metrics["diffusion/threshold/max"].append(threshold.max().item())
-
-        mask = loss_mask[:, None].expand_as(is_weight).bool()
-        gap = (old_logps - behaviour).masked_fill(~mask, 0.0)
-        count = mask.sum().float()
-        clamped = (is_weight >= self.args.is_clamp * (1 - _CLAMP_TOLERANCE)) & mask
-        totals = gather(
-            torch.stack([is_weight.masked_fill(~mask, 0.0).sum(), clamped.sum().float(), gap.sum(), count])[None]
-        ).sum(0)
-        denominator = totals[3].clamp(min=1.0)
-        metrics["diffpo/is_weight/mean"].append((totals[0] / denominator).item())
-        metrics["diffpo/is_weight/clamped_frac"].append((totals[1] / denominator).item())
-        metrics["diffpo/logp_gap/mean"].append((totals[2] / denominator).item())
-        largest = is_weight.masked_fill(~mask, 0.0).amax() if mask.any() else is_weight.new_zeros(())
-        metrics["diffpo/is_weight/max"].append(gather(largest[None]).max().item())
-        metrics["diffpo/tau/mean"].append(gather(draws.tau.float().mean()[None]).mean().item())
-        used_stages = torch.stack(
-            [
-                torch.nn.functional.one_hot(
-                    token_stages(trace.unmask_step, draws.stage_starts[:, it]), draws.stage_starts.shape[-1]
-                )
-                .any(1)
-                .sum(-1)
-                for it in range(draws.stage_starts.shape[1])
-            ]
-        )
-        metrics["diffpo/surrogate_forwards"].append(gather(used_stages.float().mean()[None]).mean().item())
-
     # --------------------------------------------------------------------------------------------------- loss
 
     def _inner_iteration(self, mode: str) -> int:
@@ -595,19 +619,25 @@ class DiffpoTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = self._mode()
+        if self._policy_is_frozen():
+            if return_outputs:
+                raise ValueError("The GRPOTrainer does not support returning outputs")
+            return self._sampler_head_loss(inputs, mode)
         iteration = self._inner_iteration(mode)
         width = inputs["completion_ids"].shape[1]
         policy_inputs = dict(inputs)
-        policy_inputs["old_per_token_logps"] = _fit(inputs[_PREFIX + "old_logps"][:, iteration], width, 0.0)
+        weight_from_current = _PREFIX + "old_logps" not in inputs
+        if not weight_from_current:
+            policy_inputs["old_per_token_logps"] = _fit(inputs[_PREFIX + "old_logps"][:, iteration], width, 0.0)
+            weight = _fit(inputs[_PREFIX + "is_weight"][:, iteration], width, 1.0)
+            policy_inputs["advantages"] = inputs["advantages"][:, None] * weight
         if _PREFIX + "ref_logps" in inputs:
             policy_inputs["ref_per_token_logps"] = _fit(inputs[_PREFIX + "ref_logps"][:, iteration], width, 0.0)
-        weight = _fit(inputs[_PREFIX + "is_weight"][:, iteration], width, 1.0)
-        policy_inputs["advantages"] = inputs["advantages"][:, None] * weight
-        self._surrogate_context = (inputs, iteration)
+        self._loss_context = _LossContext(inputs, iteration, policy_inputs, weight_from_current, mode)
         try:
             loss = super().compute_loss(model, policy_inputs, return_outputs, num_items_in_batch)
         finally:
-            self._surrogate_context = None
+            self._loss_context = None
         if self.sampler_head_callback is not None and mode == "train":
             loss = loss + self._sampler_head_loss(inputs, mode)
         return loss
