@@ -19,7 +19,6 @@ BLOCK_LENGTH = 4
 NUM_BLOCKS = GEN_LENGTH // BLOCK_LENGTH
 FIXED_STEPS = 9  # 3 steps per block of 4: the uneven schedule [2, 1, 1]
 WEIGHT_SCALE = 0.35  # re-initialised weights: peaked, position-dependent distributions (the default init is ~uniform)
-GUMBEL_EPS = 1e-20
 PROMPTS = ["Q:1+1=A:", "Q:hello world A:", "Q:x"]  # different lengths: the batch is left-padded
 # Per-row thresholds: each row of one batch decodes at its own pace.
 ROW_THRESHOLDS = {"confidence_threshold": [1.0, 0.3, 0.12], "entropy_bounded": [0.0, 4.0, 12.0]}
@@ -93,7 +92,7 @@ class ReferenceRow:
         scaled[self.mask_id] = float("-inf")
         return torch.log_softmax(scaled, dim=0).tolist()
 
-    def step(self, gumbel_uniform=None, random_scores=None):
+    def step(self, token_uniform=None, random_scores=None):
         self.nfe += 1
         with torch.no_grad():
             logits = self.model(input_ids=torch.tensor([self.prompt + self.completion])).logits[0]
@@ -104,12 +103,10 @@ class ReferenceRow:
             if self.completion[position] != self.mask_id:
                 continue
             logp = self.distribution(logits[len(self.prompt) + position])
-            if self.temperature > 0:  # Gumbel-max with the engine's uniforms for this row / position
-                uniforms = [max(u, GUMBEL_EPS) for u in gumbel_uniform[offset].tolist()]
-                noisy = [logp[v] - math.log(-math.log(uniforms[v])) for v in range(len(logp))]
+            if self.temperature > 0:  # inverse CDF with the engine's uniform for this row / position
+                token = inverse_cdf([math.exp(lp) for lp in logp], token_uniform[offset].item())
             else:
-                noisy = logp
-            token = max(range(len(noisy)), key=lambda v: noisy[v])  # first maximum, like torch.argmax
+                token = max(range(len(logp)), key=lambda v: logp[v])  # first maximum, like torch.argmax
             entropy = -sum(math.exp(lp) * lp for lp in logp if lp > float("-inf"))
             proposal[offset] = (token, logp[token], math.exp(logp[token]), entropy)
 
@@ -154,11 +151,20 @@ class ReferenceRow:
         return ranked[:longest]
 
 
+def inverse_cdf(probs, uniform):
+    """The first token whose running probability sum exceeds ``uniform`` times the total."""
+    target, running = uniform * sum(probs), 0.0
+    for token, prob in enumerate(probs):
+        running += prob
+        if running > target and prob > 0:
+            return token
+    return max(token for token, prob in enumerate(probs) if prob > 0)
+
+
 def run_reference(model, tokenizer, prompts, *, sampler, steps=None, thresholds=None, temperature, generator, eos_id):
     """Runs the reference rows, handing out the engine's random draws in the engine's order: at each step one
-    ``(active rows, block, vocab)`` Gumbel uniform draw (temperature > 0), then one ``(active rows, block)`` draw of
-    random scores (random sampler), rows in batch order."""
-    vocab_size = model.config.vocab_size
+    ``(active rows, block)`` float64 uniform draw for the tokens (temperature > 0), then one ``(active rows, block)``
+    draw of random scores (random sampler), rows in batch order."""
     rows = [
         ReferenceRow(
             model,
@@ -176,10 +182,12 @@ def run_reference(model, tokenizer, prompts, *, sampler, steps=None, thresholds=
         active = [row for row in rows if not row.done]
         if not active:
             return rows
-        gumbel = torch.rand((len(active), BLOCK_LENGTH, vocab_size), generator=generator) if temperature > 0 else None
+        uniforms = None
+        if temperature > 0:
+            uniforms = torch.rand((len(active), BLOCK_LENGTH, 1), generator=generator, dtype=torch.float64)
         scores = torch.rand((len(active), BLOCK_LENGTH), generator=generator) if sampler == "random" else None
         for i, row in enumerate(active):
-            row.step(None if gumbel is None else gumbel[i], None if scores is None else scores[i])
+            row.step(None if uniforms is None else uniforms[i], None if scores is None else scores[i])
 
 
 @pytest.mark.parametrize("with_eos", [False, True], ids=["no_eos", "eos"])
@@ -410,6 +418,31 @@ def test_eos_stops_the_row_early(model, tokenizer, batch, sampler):
     assert torch.equal(completion[:, : EOS_FROM + 1], full.completion_ids[:, : EOS_FROM + 1])
 
 
+def test_every_eos_id_ends_a_row(model, tokenizer, batch):
+    """A model that ends its rows with a second EOS id (LLaDA's end-of-turn): with only the first id the row decodes
+    every block (extra forward passes); with both ids it stops after the first block like with a single EOS."""
+    eos, end_of_turn = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("#")
+    options = {"sampler": "low_confidence", "steps": 8}
+    first_only = generate(eos_loving(model, end_of_turn), batch, eos_token_id=eos, **options)
+    assert first_only.nfe.tolist() == [8] * len(PROMPTS) and first_only.completion_mask.all()
+    for eos_ids in ([eos, end_of_turn], (end_of_turn,), torch.tensor([eos, end_of_turn])):
+        both = generate(eos_loving(model, end_of_turn), batch, eos_token_id=eos_ids, **options)
+        assert both.nfe.tolist() == [2] * len(PROMPTS)
+        expected_mask = (torch.arange(16)[None, :] <= EOS_FROM).expand(len(PROMPTS), -1)
+        assert torch.equal(both.completion_mask, expected_mask)
+        completion = both.completion_ids
+        assert (completion[:, EOS_FROM] == end_of_turn).all()
+        fill = eos_ids[0] if not isinstance(eos_ids, torch.Tensor) else int(eos_ids[0])
+        assert (completion[:, EOS_FROM + 1 :] == fill).all()  # never decoded: the first id of the sequence
+        assert torch.equal(completion[:, : EOS_FROM + 1], first_only.completion_ids[:, : EOS_FROM + 1])
+
+
+@pytest.mark.parametrize("bad", [[], [-1], "2", 2.5])
+def test_bad_eos_token_id_is_a_clear_error(model, batch, bad):
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, batch, sampler="low_confidence", steps=8, eos_token_id=bad)
+
+
 def test_without_stop_at_eos_every_position_is_decoded(model, tokenizer, batch):
     eos = tokenizer.eos_token_id
     output = generate(
@@ -598,6 +631,63 @@ def test_policy_log_softmax_definition_and_no_side_effects(dtype, temperature):
     assert torch.isfinite(trainable.grad).all() and (trainable.grad[..., 4] == 0).all()
 
 
+# A head/tail distribution at a LLaDA-like vocabulary: one token of probability 0.998, the rest spread evenly over the
+# tail (1e-8 each, 20 below the head in log space: float32 Gumbel noise is capped near 16.6, so Gumbel-max with float32
+# uniforms draws this tail ~0.03% of the time instead of 0.2%). The vocabulary is not a multiple of the CDF bucket and
+# its last id is the excluded [MASK], so the partial last bucket and zero-probability tokens are exercised.
+HEAD_TAIL_VOCAB = 100_003
+HEAD_PROBABILITY = 0.998
+HEAD_TAIL_DRAWS = 100_000
+
+
+def head_tail_log_probs():
+    tail = math.log((1 - HEAD_PROBABILITY) / (HEAD_TAIL_VOCAB - 2))
+    log_probs = torch.full((HEAD_TAIL_VOCAB,), tail, dtype=torch.float64)
+    log_probs[17] = math.log(HEAD_PROBABILITY)
+    log_probs[-1] = float("-inf")  # [MASK]
+    return log_probs.float()
+
+
+def test_sampling_matches_the_softmax_in_the_tail():
+    from trl_diffpo.generation import sample_from_log_probs
+
+    log_probs = head_tail_log_probs()
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat(
+        [
+            sample_from_log_probs(log_probs[None], torch.rand(1, 25_000, generator=generator, dtype=torch.float64))
+            for _ in range(HEAD_TAIL_DRAWS // 25_000)
+        ],
+        dim=1,
+    )[0]
+    assert draws.min() >= 0 and draws.max() < HEAD_TAIL_VOCAB - 1  # [MASK] (probability 0) is never drawn
+    probs = log_probs.double().exp()
+    # Frequencies of the head, the tail's first half and the tail's second half, within 4 standard errors.
+    classes = [draws == 17, (draws != 17) & (draws < HEAD_TAIL_VOCAB // 2), draws >= HEAD_TAIL_VOCAB // 2]
+    expected = [probs[17], probs[: HEAD_TAIL_VOCAB // 2].sum() - probs[17], probs[HEAD_TAIL_VOCAB // 2 :].sum()]
+    for drawn, p in zip(classes, expected, strict=True):
+        standard_error = math.sqrt(p * (1 - p) / HEAD_TAIL_DRAWS)
+        assert abs(drawn.double().mean() - p) < 4 * standard_error, (drawn.double().mean().item(), p.item())
+
+
+def test_sampling_draws_every_token_in_proportion_on_a_small_vocabulary():
+    """A chi-square check over every token of a 700-token vocabulary (several CDF buckets, a partial last one)."""
+    from trl_diffpo.generation import sample_from_log_probs
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(700, generator=generator) * 2
+    logits[[0, 300, 699]] = float("-inf")
+    log_probs = torch.log_softmax(logits, -1)
+    draws = sample_from_log_probs(log_probs[None], torch.rand(1, 60_000, generator=generator, dtype=torch.float64))
+    counts = torch.bincount(draws[0], minlength=700).double()
+    assert counts[[0, 300, 699]].sum() == 0
+    expected = log_probs.double().exp() * draws.numel()
+    kept = expected > 0
+    chi_square = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum().item()
+    degrees = int(kept.sum()) - 1
+    assert chi_square < degrees + 5 * math.sqrt(2 * degrees)
+
+
 def test_generator_on_another_device_warns_once(model, batch, caplog, monkeypatch):
     import trl_diffpo.generation as generation
 
@@ -608,7 +698,9 @@ def test_generator_on_another_device_warns_once(model, batch, caplog, monkeypatc
             self.inner = torch.Generator().manual_seed(0)
 
     real_uniform = generation._uniform
-    monkeypatch.setattr(generation, "_uniform", lambda shape, gen, device: real_uniform(shape, gen.inner, device))
+    monkeypatch.setattr(
+        generation, "_uniform", lambda shape, gen, device, **kwargs: real_uniform(shape, gen.inner, device, **kwargs)
+    )
     monkeypatch.setattr(generation, "_warned_generator_devices", set())
     with caplog.at_level("WARNING", logger="trl_diffpo.generation"):
         for _ in range(2):

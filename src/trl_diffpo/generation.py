@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,9 @@ from .samplers import (
     select_top_k,
 )
 
-_GUMBEL_EPS = 1e-20
+# Inverse-CDF sampling works on buckets of this many vocabulary entries: the bucket masses are summed once per position,
+# their running sum is taken in float64, and only the one chosen bucket is expanded into a float64 running sum.
+_CDF_BUCKET = 256
 logger = logging.getLogger(__name__)
 _warned_generator_devices: set[tuple[str, str]] = set()
 
@@ -47,7 +50,7 @@ class DiffusionGenerateOutput:
 
     Attributes:
         sequences: ``(batch, prompt_len + gen_length)`` prompt ids followed by the sampled canvas. Positions after a
-            row's first EOS that were never decoded (early stop) hold ``eos_token_id``.
+            row's first EOS that were never decoded (early stop) hold ``eos_token_id`` (its first id).
         unmask_step: ``(batch, gen_length)`` 1-based step of the row at which each completion position was committed;
             always in ``[1, nfe[row]]``. Positions filled at an early stop carry the row's last step.
         logprobs: ``(batch, gen_length)`` float32 behaviour log-probability of each committed token under the
@@ -55,7 +58,7 @@ class DiffusionGenerateOutput:
             ``temperature == 0``). ``0`` for positions filled at an early stop.
         nfe: ``(batch,)`` forward passes each row took part in.
         threshold: ``(batch,)`` float32 threshold used by each row (``nan`` for the fixed-schedule samplers).
-        completion_mask: ``(batch, gen_length)`` bool, ``True`` up to and including the first EOS (all ``True`` when
+        completion_mask: ``(batch, gen_length)`` bool, ``True`` up to and including the first EOS (of any id; all ``True`` when
             no ``eos_token_id`` is given).
         prompt_hidden: ``(batch, hidden)`` mean-pooled last-layer hidden state of the prompt from the first forward,
             detached, when a ``threshold_fn`` was given or ``return_prompt_hidden=True``; else ``None``.
@@ -171,9 +174,55 @@ def _as_row_threshold(threshold, batch_size: int, device: torch.device, sampler:
     return threshold
 
 
-def _uniform(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniform noise from a local generator (created on the generator's device, then moved)."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+def _uniform(
+    shape, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform noise in ``[0, 1)`` from a local generator (created on the generator's device, then moved)."""
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def sample_from_log_probs(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Exact draws from ``softmax`` distributions by inverse-CDF sampling.
+
+    ``log_probs`` is ``(..., vocab)`` (normalised log-probabilities, e.g. :func:`policy_log_softmax`); ``uniforms`` is
+    ``(..., draws)`` float64 in ``[0, 1)``, one per draw. Returns ``(..., draws)`` token ids: token ``v`` is drawn with
+    probability ``exp(log_probs[..., v])`` up to the float32 rounding of those probabilities; a token of probability 0
+    (the excluded ``[MASK]``) is never drawn.
+
+    Why not Gumbel-max: with float32 uniforms the Gumbel noise is capped near 16.6, so a tail token whose log-prob is
+    more than ~16 below the head's is (almost) never drawn: at a 126k vocabulary with a 0.99 head the tail is drawn
+    ~0.7% of the time instead of 1%, a lower effective temperature than the one the trace records. Inverse-CDF
+    sampling needs one float64 uniform per draw instead of one per vocabulary entry. Memory: the float32
+    probabilities (one slab like ``log_probs``), ``vocab / 256`` float64 bucket sums per row, and one float64 bucket of
+    256 per draw, never a float64 copy of the slab.
+    """
+    vocab = log_probs.shape[-1]
+    leading = log_probs.shape[:-1]
+    probs = log_probs.reshape(-1, vocab).exp()  # (rows, vocab) float32
+    rows = probs.shape[0]
+    uniforms = uniforms.reshape(rows, -1).to(torch.float64)  # (rows, draws)
+    full = vocab - vocab % _CDF_BUCKET
+    bucket_mass = [probs[:, :full].reshape(rows, -1, _CDF_BUCKET).sum(-1)] if full else []
+    if full < vocab:
+        bucket_mass.append(probs[:, full:].sum(-1, keepdim=True))
+    bucket_mass = torch.cat(bucket_mass, dim=-1).double()  # (rows, buckets)
+    bucket_cdf = bucket_mass.cumsum(-1)
+    target = _below(uniforms * bucket_cdf[:, -1:], bucket_cdf[:, -1:])
+    bucket = torch.searchsorted(bucket_cdf, target, right=True)  # first bucket whose running sum exceeds the target
+    mass_before = torch.where(bucket > 0, bucket_cdf.gather(-1, (bucket - 1).clamp(min=0)), 0.0)
+    fraction = (target - mass_before) / bucket_mass.gather(-1, bucket)  # where in its bucket the target falls
+    token = bucket[..., None] * _CDF_BUCKET + torch.arange(_CDF_BUCKET, device=probs.device)  # (rows, draws, bucket)
+    in_vocab = token < vocab
+    bucket_probs = probs.gather(-1, token.clamp(max=vocab - 1).flatten(1)).view(token.shape)
+    local_cdf = torch.where(in_vocab, bucket_probs, 0.0).double().cumsum(-1)
+    local_target = _below(fraction * local_cdf[..., -1], local_cdf[..., -1])
+    offset = torch.searchsorted(local_cdf, local_target[..., None], right=True).squeeze(-1)
+    return (bucket * _CDF_BUCKET + offset).view(*leading, -1)
+
+
+def _below(value: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``value`` clamped strictly below ``bound`` (a rounding guard: ``u * total`` can round up to ``total``)."""
+    return torch.minimum(value, torch.nextafter(bound, torch.zeros_like(bound)).expand_as(value))
 
 
 def _check_mask_in_vocabulary(backbone: DiffusionBackbone, mask_id: int) -> None:
@@ -238,7 +287,7 @@ def diffusion_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     mask_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     stop_at_eos: bool = True,
     return_prompt_hidden: bool = False,
     synced_gpus: bool = False,
@@ -259,14 +308,17 @@ def diffusion_generate(
         threshold_fn: called once with the ``(batch, hidden)`` pooled prompt hidden state of the first forward; returns
             the ``(batch,)`` per-row thresholds (how a learned sampler head sets thresholds without an extra forward).
             When given, it takes precedence over ``threshold``.
-        temperature: 0 for greedy (argmax); otherwise Gumbel-max sampling from ``softmax(logits / temperature)``.
-        generator: local ``torch.Generator`` for all randomness (Gumbel noise, random order); the global RNG is
+        temperature: 0 for greedy (argmax); otherwise an exact draw from ``softmax(logits / temperature)``
+            (inverse-CDF, one float64 uniform per position: :func:`sample_from_log_probs`).
+        generator: local ``torch.Generator`` for all randomness (token draws, random order); the global RNG is
             never used. ``None`` creates a fresh, non-deterministically seeded one when randomness is needed. The noise
             is drawn on the generator's device: keep it on the inputs' device (a CPU generator with a GPU model is
             correct but slow, and logs a warning).
         mask_token_id: the ``[MASK]`` id; resolved from the model config / tokenizer when ``None``.
-        eos_token_id: end-of-sequence id. With ``stop_at_eos`` a row stops as soon as every position up to its first
-            committed EOS is decoded: its remaining masked positions become EOS without further forward passes.
+        eos_token_id: end-of-sequence id, or a sequence of ids (LLaDA: ``[126081, 126348]``), each of which ends a
+            row. With ``stop_at_eos`` a row stops as soon as every position up to its first committed EOS (any of the
+            ids) is decoded: its remaining masked positions become ``eos_token_id`` (the first id of a sequence)
+            without further forward passes.
         return_prompt_hidden: also return the pooled prompt hidden state (needs ``output_hidden_states``).
         synced_gpus: in distributed runs where every forward is a collective (ZeRO-3 without gathering, FSDP), keep
             issuing forwards until every rank is done, so all ranks make the same number of forward passes.
@@ -283,6 +335,7 @@ def diffusion_generate(
     device = input_ids.device
     batch_size, prompt_length = input_ids.shape
     row_threshold = None if threshold_fn is not None else _as_row_threshold(threshold, batch_size, device, sampler)
+    eos_ids = _as_eos_ids(eos_token_id, device)
     if generator is None and (temperature > 0 or sampler == RANDOM):
         generator = torch.Generator(device=device)
         generator.seed()
@@ -353,9 +406,9 @@ def diffusion_generate(
         candidates = block_tokens == mask_id
 
         block_logprobs = _policy_log_softmax(block_logits, mask_id, temperature, writable=True)
-        if temperature > 0:  # Gumbel-max: argmax(log p + g), g = -log(-log u), computed in place in the noise buffer
-            gumbel_neg = _uniform(block_logprobs.shape, generator, device).clamp_(min=_GUMBEL_EPS).log_().neg_().log_()
-            proposal = (block_logprobs - gumbel_neg).argmax(-1)
+        if temperature > 0:  # exact draw from softmax(logits / T): one float64 uniform per position
+            uniforms = _uniform((*block_logprobs.shape[:-1], 1), generator, device, dtype=torch.float64)
+            proposal = sample_from_log_probs(block_logprobs, uniforms).squeeze(-1)
         else:
             proposal = block_logprobs.argmax(-1)
         proposal_logprob = block_logprobs.gather(-1, proposal[..., None]).squeeze(-1)
@@ -389,11 +442,11 @@ def diffusion_generate(
         row_block = row_block + block_finished.long()
         row_step_in_block = torch.where(block_finished, 0, take(step_in_block) + 1)
         row_done = row_block >= num_blocks
-        if eos_token_id is not None and stop_at_eos:
+        if eos_ids is not None and stop_at_eos:
             completion = row_canvas[:, prompt_length:]
-            row_done = row_done | _finished_at_eos(completion, mask_id, eos_token_id)
+            row_done = row_done | _finished_at_eos(completion, mask_id, eos_ids)
             fill = row_done[:, None] & (completion == mask_id)
-            completion = torch.where(fill, eos_token_id, completion)
+            completion = torch.where(fill, eos_ids[0], completion)
             row_canvas = torch.cat([row_canvas[:, :prompt_length], completion], dim=1)
             row_steps = torch.where(fill, row_nfe[:, None], row_steps)
 
@@ -405,8 +458,8 @@ def diffusion_generate(
             block_index[rows], step_in_block[rows], done[rows] = row_block, row_step_in_block, row_done
 
     completion = canvas[:, prompt_length:]
-    if eos_token_id is not None:
-        first_eos = first_true_index(completion == eos_token_id)
+    if eos_ids is not None:
+        first_eos = first_true_index(torch.isin(completion, eos_ids))
         completion_mask = torch.arange(gen_length, device=device)[None, :] <= first_eos[:, None]
     else:
         completion_mask = torch.ones_like(completion, dtype=torch.bool)
@@ -426,6 +479,22 @@ def first_true_index(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(flags.any(-1), flags.int().argmax(-1), flags.shape[-1])
 
 
-def _finished_at_eos(completion: torch.Tensor, mask_id: int, eos_token_id: int) -> torch.Tensor:
-    """``(rows,)`` whether every position up to and including the row's first EOS is decoded."""
-    return first_true_index(completion == eos_token_id) < first_true_index(completion == mask_id)
+def _as_eos_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    """``(num_eos,)`` long tensor of the EOS ids (``None`` when there is none); the first is the fill value."""
+    if eos_token_id is None:
+        return None
+    try:
+        values = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+        ids = [operator.index(values)] if not isinstance(values, Sequence) else [operator.index(i) for i in values]
+    except TypeError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise ValueError(
+            f"eos_token_id must be a non-negative token id or a non-empty sequence of them, got {eos_token_id!r}."
+        )
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _finished_at_eos(completion: torch.Tensor, mask_id: int, eos_ids: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` whether every position up to and including the row's first EOS (any of ``eos_ids``) is decoded."""
+    return first_true_index(torch.isin(completion, eos_ids)) < first_true_index(completion == mask_id)
