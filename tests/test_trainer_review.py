@@ -191,3 +191,25 @@ def test_old_logps_are_stored_when_the_policy_moves_in_between(tokenizer, tmp_pa
     inputs = trainer._buffered_inputs[0]
     assert inputs["diffpo_old_logps"].shape[1] == 2 and inputs["diffpo_is_weight"].shape[1] == 2
     assert calls["no_grad"] == 2  # old log-probs of both inner iterations, one batch
+
+
+# ------------------------------------------------------------------------------------ 6. every EOS id stops a rollout
+
+
+def test_rollouts_stop_at_every_eos_id_of_the_model(tokenizer, tmp_path, monkeypatch):
+    import trl_diffpo.trainer as trainer_module
+
+    model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
+    end_of_turn = tokenizer.convert_tokens_to_ids("#")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    seen = []
+    original = trainer_module.diffusion_generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["eos_token_id"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "diffusion_generate", recording)
+    trainer = make_trainer(tokenizer, tmp_path, model=model, max_steps=1)
+    trainer.train()
+    assert seen and all(list(ids) == [tokenizer.eos_token_id, end_of_turn] for ids in seen)

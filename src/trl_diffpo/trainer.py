@@ -399,7 +399,7 @@ class DiffpoTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 generator=self._rollout_random(device),
                 mask_token_id=self.mask_token_id,
-                eos_token_id=self.eos_token_ids[0],
+                eos_token_id=self.eos_token_ids or None,  # every EOS id ends a row, as TRL cuts at any
                 stop_at_eos=args.stop_at_eos,
                 return_prompt_hidden=self.sampler_head_callback is not None,
                 synced_gpus=synced_gpus,
