@@ -88,7 +88,7 @@ DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}
 LIKELIHOODS = ("mean_field", "two_stage")
 SAMPLERS = ("low_confidence", "entropy_bounded")
 FINETUNE_MODES = ("lora", "full")
-HEAD_MODES = ("off", "on")
+HEAD_MODES = ("off", "on", "sampler_only")  # "on": joint training of model and head
 LORA_RANKS = {"tiny": 8, "small": 32, "llada8b": 128}
 LORA_ALPHA = 64  # d1's LoRA alpha for r=128
 TINY_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -304,10 +304,11 @@ class BenchConfig:
     sampler_head: bool
     finetune: str
     is_correction: str = "token"
+    head_mode: str = "joint"
 
     @property
     def name(self) -> str:
-        head = "+head" if self.sampler_head else ""
+        head = ("+head" if self.head_mode == "joint" else f"+head({self.head_mode})") if self.sampler_head else ""
         return f"{self.likelihood}/{self.is_correction}-IS/{self.sampler}{head}/{self.finetune}"
 
 
@@ -317,9 +318,10 @@ def config_matrix(args) -> list[BenchConfig]:
     for likelihood, sampler, head, finetune in itertools.product(
         args.likelihoods, args.samplers, args.head, args.finetune
     ):
-        if head == "on" and sampler == "low_confidence":
+        if head != "off" and sampler == "low_confidence":
             continue
-        configs.append(BenchConfig(likelihood, sampler, head == "on", finetune))
+        head_mode = "sampler_only" if head == "sampler_only" else "joint"
+        configs.append(BenchConfig(likelihood, sampler, head != "off", finetune, head_mode=head_mode))
     return configs
 
 
@@ -374,7 +376,9 @@ def build_trainer(config: BenchConfig, args, device: torch.device, dtype: torch.
     if config.sampler_head:
         # a range around the fixed threshold, starting from it, so rollouts stay comparable with the head off
         callbacks.append(
-            SamplerHeadCallback(threshold_min=0.0, threshold_max=2 * eb_threshold, init_threshold=eb_threshold)
+            SamplerHeadCallback(
+                mode=config.head_mode, threshold_min=0.0, threshold_max=2 * eb_threshold, init_threshold=eb_threshold
+            )
         )
     dataset = Dataset.from_dict({"prompt": countdown_prompts(NUM_PROMPTS, args.prompt_len, args.seed)})
     trainer = DiffpoTrainer(
@@ -490,7 +494,13 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=4, help="optimizer steps per configuration (first = warm-up)")
     parser.add_argument("--likelihoods", nargs="+", default=list(LIKELIHOODS), choices=LIKELIHOODS)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
-    parser.add_argument("--head", nargs="+", default=list(HEAD_MODES), choices=HEAD_MODES, help="SamplerHeadCallback")
+    parser.add_argument(
+        "--head",
+        nargs="+",
+        default=list(HEAD_MODES),
+        choices=HEAD_MODES,
+        help="SamplerHeadCallback: off, on (joint) or sampler_only (frozen dLLM)",
+    )
     parser.add_argument("--finetune", nargs="+", default=list(FINETUNE_MODES), choices=FINETUNE_MODES)
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 8 / 32 / 128 by size")
     add_run_arguments(
