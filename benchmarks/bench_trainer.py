@@ -497,7 +497,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--head",
         nargs="+",
-        default=list(HEAD_MODES),
+        default=["off", "on"],
         choices=HEAD_MODES,
         help="SamplerHeadCallback: off, on (joint) or sampler_only (frozen dLLM)",
     )
