@@ -26,6 +26,9 @@ step stale misses by more than 0.7, last test). On this CPU the
 two agree bit for bit (measured difference 0, as in float32); GPU GEMMs choose tiles by shape and need not.
 """
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -219,3 +222,69 @@ def test_a_latent_one_step_stale_breaks_the_equality(tokenizer):
     decoded = _decoded_positions(rollout, tokenizer.eos_token_id)
     torch.testing.assert_close(scores["exact"][decoded], rollout.logprobs[decoded], atol=FLOAT32_ATOL, rtol=0)
     assert (scores["stale"] - rollout.logprobs)[decoded].abs().max() > 10 * BF16_ATOL
+
+
+def _one_step_probabilities(distributions, rule):
+    """Enumerate every joint proposal of one sampler step: ``{(S, y_S): P}`` where ``S`` is the chosen position set.
+
+    ``distributions``: ``(positions, vocab)`` proposal distributions ``q_l`` (independent across positions);
+    ``rule(confidence, entropy) -> (positions,) bool`` the selection, given the drawn values' confidences."""
+    positions, vocab = distributions.shape
+    entropy = -(distributions * distributions.log()).sum(-1)
+    outcomes: dict = {}
+    for values in itertools.product(range(vocab), repeat=positions):
+        values = torch.tensor(values)
+        confidence = distributions[torch.arange(positions), values]
+        chosen = rule(confidence, entropy)
+        key = (tuple(chosen.nonzero()[:, 0].tolist()), tuple(values[chosen].tolist()))
+        outcomes[key] = outcomes.get(key, 0.0) + confidence.prod().item()
+    return outcomes
+
+
+def _value_probability(distributions, chosen, values):
+    """``prod_{l in S} q_l(y_l)``: what K = T (and the behaviour log-prob) scores for the step."""
+    return math.prod(distributions[pos, y].item() for pos, y in zip(chosen, values, strict=True))
+
+
+def test_what_k_equals_t_leaves_out_of_one_step():
+    """The module docstring of trl_diffpo.likelihood, checked by enumeration with the real selection rules: K = T is
+    ``prod_{l in S} q_l(y_l)``; the choice of positions is the missing factor ``P(S | y_S)``, which is 1 for a rule
+    that ignores the drawn values (EB: given S, the values have exactly the K = T probability) and depends on theta
+    for the confidence rules: ``prod_{j not in S} Pr[q_j(y) < cut]``, so that given S the values are tilted."""
+    from trl_diffpo.samplers import select_confidence_threshold, select_entropy_bounded, select_top_k
+
+    distributions = torch.softmax(
+        torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2, -1
+    )
+    candidates = torch.ones(1, 3, dtype=torch.bool)
+    threshold = 0.375  # exact in float32 and float64
+
+    def below(cut, chosen):  # prod over unchosen j of Pr_{y ~ q_j}[q_j(y) < cut]
+        return math.prod(distributions[j][distributions[j] < cut].sum().item() for j in range(3) if j not in chosen)
+
+    rules = {
+        "entropy_bounded": lambda conf, ent: select_entropy_bounded(ent[None], candidates, torch.tensor([1.0]))[0],
+        "low_confidence": lambda conf, ent: select_top_k(conf[None], candidates, torch.tensor([2]))[0],
+        "confidence_threshold": lambda conf, ent: select_confidence_threshold(
+            conf[None], candidates, torch.tensor([threshold])
+        )[0],
+    }
+    for name, rule in rules.items():
+        outcomes = _one_step_probabilities(distributions, rule)
+        assert abs(sum(outcomes.values()) - 1) < 1e-12
+        position_probability: dict = {}
+        for (chosen, _), probability in outcomes.items():
+            position_probability[chosen] = position_probability.get(chosen, 0.0) + probability
+        tilted = 0.0
+        for (chosen, values), probability in outcomes.items():
+            k_equals_t = _value_probability(distributions, chosen, values)
+            if name == "entropy_bounded":  # positions fixed by the entropies: P(S, y_S) = P(y_S), P(y_S | S) = P(y_S)
+                assert len(position_probability) == 1
+                assert abs(probability - k_equals_t) < 1e-12
+                continue
+            confidences = [distributions[pos, y].item() for pos, y in zip(chosen, values, strict=True)]
+            cut = min(confidences) if name == "low_confidence" or min(confidences) < threshold else threshold
+            assert abs(probability - k_equals_t * below(cut, chosen)) < 1e-12  # the factor K = T leaves out
+            tilted = max(tilted, abs(probability / position_probability[chosen] - k_equals_t))
+        if name != "entropy_bounded":
+            assert tilted > 1e-2, f"{name}: given the positions, the values should not have the K = T probability"
