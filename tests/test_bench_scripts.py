@@ -98,3 +98,40 @@ def test_meta_device_llada_builder_gives_a_working_random_model():
     assert abs(weights.std().item() - bench.INIT_STD) < 0.1 * bench.INIT_STD
     logits = model(torch.randint(0, 299, (2, 5))).logits
     assert logits.shape == (2, 5, 300) and torch.isfinite(logits).all()
+
+
+def test_bf16_logprobs_tiny_run_reports_every_quantity(tmp_path):
+    """benchmarks/bench_bf16_logprobs.py on a tiny LLaDA: every quantity is reported per configuration, the rescaled
+    logits have the asked standard deviation, and the bf16 errors are real (non-zero) but small."""
+    output = tmp_path / "bf16.json"
+    script = REPO / "benchmarks" / "bench_bf16_logprobs.py"
+    options = ["--size", "tiny", "--vocab", "300", "--logit-std", "0", "3", "--batch", "1", "--prompt-len", "8"]
+    options += ["--gen-len", "8", "--block", "8", "--steps", "4", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, str(script), *options], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(output.read_text())
+    quantities = ["logits_bf16", "logits_bf16+log_softmax_bf16"] + [
+        f"surrogate/{likelihood}/{precision}"
+        for likelihood in ("mean_field", "two_stage")
+        for precision in ("weights_bf16", "autocast_bf16")
+    ]
+    assert [(r["size"], r["vocab"]) for r in report["results"]] == [("tiny", 300)] * 2
+    random_scale, rescaled = report["results"]
+    assert abs(rescaled["logit_std"] - 3.0) < 0.05 and random_scale["logit_std"] == random_scale["random_logit_std"]
+    for result in report["results"]:
+        assert list(result["errors"]) == quantities and result["tokens"] == 8
+        for stats in result["errors"].values():
+            assert 0 < stats["mean_abs"] <= stats["max_abs"] < 0.5
+    assert "| logits_bf16 |" in completed.stdout  # the Markdown table
+
+
+def test_bf16_logprobs_help():
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_bf16_logprobs.py"), "--help"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0 and "--logit-std" in completed.stdout

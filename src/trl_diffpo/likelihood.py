@@ -11,8 +11,38 @@ surrogate scores it with ``K`` forwards instead:
 - the score is :func:`trl_diffpo.generation.policy_log_softmax` (the sampler's own distribution) read at the token.
 
 ``K = 1`` (all stage starts 0) is d1's mean-field likelihood, ``K = 2`` with ``c_1 = tau`` DiFFPO's two-stage
-mean-field, and stage starts ``{0, 1, ..., T-1}`` the exact trajectory likelihood (every token is then scored on the
-very latent the sampler saw, so its log-prob equals the behaviour log-prob recorded at sampling).
+mean-field, and stage starts ``{0, 1, ..., T-1}`` (``K = T``) score every token on the very latent the sampler saw,
+so with no prompt noise each token's log-prob equals the behaviour log-prob recorded at sampling.
+
+What ``K = T`` is, exactly. At step ``t`` the sampler proposes a value ``y_l ~ q_l = softmax(logits_l / temperature)``
+for every masked position of the block, independently, and its rule keeps a set ``S_t`` of them. The probability of
+the step factorises as ``P(S_t, y_{S_t}) = prod_{l in S_t} q_l(y_l) * P(S_t | y_{S_t})``, and ``K = T`` is the sum
+over steps of the log of the first factor only: the probability that the proposals at the chosen positions take the
+committed values. The log-probability of choosing those positions is not in it:
+
+- ``random`` at temperature > 0: the positions are drawn independently of the values and of theta, so the missing
+  term is a theta-free constant (``log 1 / C(masked, k)``) and ``K = T`` is the exact log-likelihood of the committed
+  values given the positions (and of the trajectory, up to that constant);
+- temperature 0 (any rule): the values are argmaxes and the positions a function of the logits (of the generator for
+  ``random``), so the trajectory has probability 1 (``random``: a theta-free constant) under the theta that produced
+  it and 0 under a theta whose argmax or choice differs. ``K = T`` is then the log-likelihood of the committed tokens
+  under the policy ``softmax(logits)`` that training uses, not the probability of a random event of the sampler;
+- ``entropy_bounded`` at temperature > 0: entropies depend on the distributions, not on the drawn values, so the
+  positions are a deterministic function of the logits: the missing term is ``log 1{S_t = EB(logits)}``, 0 at the
+  sampling theta and piecewise constant in theta (no gradient where it is differentiable). ``K = T`` is the exact
+  likelihood of the values given the positions;
+- ``low_confidence`` and ``confidence_threshold`` at temperature > 0: the rule ranks positions by the confidence
+  ``q_l(y_l)`` of the *drawn* values, so the missing term depends smoothly on theta: for top-k it is
+  ``sum_{j unchosen} log Pr_{y ~ q_j}[q_j(y) < c_min]`` with ``c_min`` the lowest chosen confidence (ties by
+  position), for the threshold rule ``sum_{j unchosen} log Pr_{y ~ q_j}[q_j(y) < threshold]`` (``< c`` with ``c``
+  the kept confidence when no position passed and only the most confident one was kept). Given the chosen positions the committed values are tilted
+  towards confident ones, so here ``K = T`` is neither the trajectory likelihood nor the likelihood of the values
+  given the positions; it is the product of the proposal probabilities, which is what the behaviour log-probs
+  record and what the importance weights compare against.
+
+EOS positions filled at an early stop are no sampling event (the trace gives them the row's last step and log-prob
+0). Reading a behaviour log-prob as the probability of the proposal assumes the sampler draws exactly from ``q_l``
+(Gumbel-max noise with enough precision); the equality surrogate == behaviour does not depend on it.
 
 Repeated stage starts give empty stages; only (row, stage) pairs that score at least one token are forwarded, all in
 one (optionally chunked) batch. All randomness comes from :func:`draw_surrogate_randomness` with a local generator:
@@ -83,8 +113,10 @@ def draw_surrogate_randomness(
     - prompt noise: each real prompt token (``prompt_mask == 1``) is masked independently with ``p_mask_prompt``;
     - ``mean_field``: stage starts ``[0]``;
     - ``two_stage``: ``[0, tau]`` with ``tau`` uniform in ``{0, ..., T-1}`` (``tau = 0`` is mean-field), as in DiFFPO;
-    - ``k_stage``: ``0`` and ``K-1`` distinct cuts uniform from ``{1, ..., T-1}`` (all of them when ``T-1 <= K-1``,
-      the exact trajectory likelihood), padded with zeros (empty stages).
+    - ``k_stage``: ``0`` and ``K-1`` distinct cuts uniform from ``{1, ..., T-1}`` (all of them when ``T-1 <= K-1``),
+      padded with zeros (empty stages). With all of them (``K >= T``) and ``p_mask_prompt = 0`` the surrogate equals
+      the behaviour log-probs: the log-probability of the committed values at the positions the sampler chose, not
+      of choosing those positions (see the module docstring for when that choice depends on theta).
 
     Draws are made on the generator's device (CPU by default) and returned on ``prompt_mask.device``.
 
@@ -237,8 +269,13 @@ def surrogate_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token surrogate log-probs of a sampled canvas (and optionally the entropy of each scoring distribution).
 
-    Every completion token is scored exactly once, on the latent of its stage (see the module docstring). The
-    forwards of all (row, stage) pairs that score at least one token run as one batch, in chunks of ``batch_size``
+    Every completion token is scored exactly once, on the latent of its stage (see the module docstring). With
+    stage starts ``{0..T-1}`` per row and no prompt noise, this is ``K = T``: every token's log-prob equals the
+    behaviour log-prob :func:`trl_diffpo.generation.diffusion_generate` recorded for it, i.e. the log-likelihood of
+    the committed values at the positions the sampler chose; the probability of choosing those positions is not
+    included (it is theta-free for ``random``, a deterministic function of the logits at temperature 0 and for
+    ``entropy_bounded``, and theta-dependent for ``low_confidence`` / ``confidence_threshold`` at temperature > 0).
+    The forwards of all (row, stage) pairs that score at least one token run as one batch, in chunks of ``batch_size``
     latents (``None``: one chunk). Gradients flow to the backbone's parameters unless called under ``no_grad``.
 
     Args:
