@@ -351,11 +351,14 @@ def test_training_matrix(tokenizer, tmp_path, sampler, likelihood, num_stages, i
         assert logged(trainer, "diffpo/tau/mean")[0] == 0 and logged(trainer, "diffpo/surrogate_forwards")[0] == 1
 
 
-def test_exact_surrogate_in_the_trainer_has_unit_is_weights(tokenizer, tmp_path):
-    """k_stage with K >= T and no prompt noise: the old surrogate equals the behaviour log-probs, so w == 1."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_exact_surrogate_in_the_trainer_has_unit_is_weights(tokenizer, tmp_path, bf16):
+    """k_stage with K >= T and no prompt noise: the old surrogate equals the behaviour log-probs, so w == 1 (also
+    under CPU bf16 autocast: rollout and surrogate forwards round alike)."""
     trainer = make_trainer(
         tokenizer, tmp_path, likelihood="k_stage", num_stages=8, p_mask_prompt=0.0, max_steps=1,
         gradient_accumulation_steps=1, num_iterations=1, sampler="entropy_bounded", threshold=3.0,
+        bf16=bf16, use_cpu=True,
     )  # fmt: skip
     trainer.train()
     assert logged(trainer, "diffpo/is_weight/mean")[0] == pytest.approx(1.0, abs=1e-5)
