@@ -55,11 +55,12 @@ if [ "$DRY_RUN" = 1 ]; then
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 else
   DEVICE=cuda
-  if [ -d .whl ] && ! "$PYTHON" -c "import trl, deepspeed" > /dev/null 2>&1; then
-    step install 180 bash -c '
-      "$0" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl &&
-      "$0" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target .site \
-        .whl/deepspeed-*.tar.gz' "$PYTHON"
+  # the wheels of prepare-wheels.sh (trl, datasets, transformers 5.23, ...); no step here uses deepspeed, whose source
+  # archive a ZeRO step would add with: pip install --no-index --no-deps --no-build-isolation --target .site \
+  # .whl/deepspeed-*.tar.gz
+  if [ -d .whl ] && ! PYTHONPATH="$PWD/.site" "$PYTHON" -c "import trl, datasets" > /dev/null 2>&1; then
+    step install 180 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site \
+      .whl/*.whl
   fi
   export PYTHONPATH="$PWD/.site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   # d1's rollout shape: 8 completions of 256 tokens after 256 prompt tokens, blocks of 32, 128 steps
