@@ -12,8 +12,8 @@ DeepSpeed runs ZeRO-2/3 on CPU processes with the gloo backend, but three defaul
   silently and train with plain DDP: it is switched off (on a machine without an accelerator the device is the CPU
   either way).
 
-Nothing changes when an accelerator (CUDA, XPU, ...) is present, when the accelerate config is not a DeepSpeed one,
-or for a value the user set on the command line.
+Nothing changes when an accelerator (CUDA, XPU, ...) is present or when the launch is not a DeepSpeed one; a
+``--ddp_backend`` or accelerate ``--mixed_precision`` the user gave is kept.
 """
 
 from __future__ import annotations
