@@ -15,5 +15,6 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==${TRL_DIFFPO_TORCH_VERSION:-2.13.0}"
 fi
 if [ -n "$_extras" ]; then _target=".[$_extras]"; else _target="."; fi
-.venv/bin/python -m pip install -q -e "$_target"
+# deepspeed (dev extras) installs from its source archive: build none of its C++/CUDA ops ahead of time
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e "$_target"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false

@@ -269,7 +269,8 @@ def test_task_data_from_local_files():
     assert len(train) == 2 and {"prompt", "answer"} <= set(train.column_names)
 
 
-def test_accelerate_config_relaunches_through_accelerate():
+def test_accelerate_config_relaunches_through_accelerate(monkeypatch):
+    monkeypatch.setattr("trl_diffpo.scripts.cpu_deepspeed.has_accelerator", lambda: True)  # the GPU route
     launched = []
     argv = ["--config", str(TINY), "--accelerate_config", "zero2", "--num_processes", "4", "--max_steps", "3"]
     assert train_script.launch_with_accelerate(argv, launch_command_fn=launched.append) == 0

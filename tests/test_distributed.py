@@ -73,19 +73,19 @@ def _run_guarded(rank: int, body, port: int, out_dir: str, *args) -> None:
             dist.destroy_process_group()
 
 
-def _spawn(body, out_dir, *args) -> list:
+def _spawn(body, out_dir, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list:
     """Run ``body`` on ``WORLD_SIZE`` processes; return the per-rank results (re-raising any worker failure)."""
     port = _free_port()
     context = mp.start_processes(
         _run_guarded, args=(body, port, str(out_dir), *args), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     try:
-        while not context.join(timeout=SPAWN_TIMEOUT_S):
+        while not context.join(timeout=timeout_s):
             if not all(process.is_alive() for process in context.processes):
                 continue
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {WORLD_SIZE}-process run did not finish within {SPAWN_TIMEOUT_S} s (hang)")
+            pytest.fail(f"the {WORLD_SIZE}-process run did not finish within {timeout_s} s (hang)")
     except mp.ProcessRaisedException as error:
         errors = [str(error)] + [
             f"rank {rank}:\n" + open(os.path.join(out_dir, f"rank{rank}.error")).read()

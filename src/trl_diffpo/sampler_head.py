@@ -340,14 +340,25 @@ class SamplerHead(nn.Module):
 
 
 def _zero3_gathered(head: SamplerHead, modifier_rank: int | None = None):
-    """Context that materialises ZeRO-3 partitioned head parameters (a no-op otherwise). A collective under ZeRO-3."""
+    """Context that materialises ZeRO-3 partitioned head parameters (a no-op otherwise). A collective under ZeRO-3.
+
+    For reading (``modifier_rank=None``) parameters that are already whole are left alone: under
+    ``unwrap_model_for_generation`` with ``ds3_gather_for_generation=True`` an outer ``GatheredParameters`` holds
+    them, and a nested one over the same parameters is refused by deepspeed >= 0.19.8 (older versions re-partition
+    them on exit, mid-rollout). Every rank is inside the same outer context, so all ranks skip the same ones.
+    """
     import contextlib
 
-    params = list(head.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
         return contextlib.nullcontext()
     import deepspeed  # only reachable when DeepSpeed partitioned the parameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if modifier_rank is None:
+        params = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+        if not params:
+            return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 

@@ -715,18 +715,21 @@ def launch_with_accelerate(argv: list[str], launch_command_fn=None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
+    from .cpu_deepspeed import adapt_for_cpu_deepspeed
+
     index = argv.index(ACCELERATE_CONFIG_FLAG)
     if index + 1 >= len(argv):
         raise CliError(f"{ACCELERATE_CONFIG_FLAG} needs a value: a file or one of TRL's names (zero2, zero3, ...).")
     accelerate_config = argv[index : index + 2]
     script_argv = argv[:index] + argv[index + 2 :]
-    *_, cli_remaining = parse_args(script_argv, return_remaining_strings=True)
+    _, training_args, *_, cli_remaining = parse_args(script_argv, return_remaining_strings=True)
     try:
         launch_args = resolve_accelerate_config_argument(accelerate_config + cli_remaining)
     except ValueError as error:
         raise CliError(str(error)) from error
     training_argv = _remove_subsequence(script_argv, cli_remaining)
     accelerate_args = launch_command_parser().parse_args([*launch_args, "-m", __name__, *training_argv])
+    accelerate_args.training_script_args += adapt_for_cpu_deepspeed(accelerate_args, training_args)
     (launch_command_fn or launch_command)(accelerate_args)
     return 0
 
