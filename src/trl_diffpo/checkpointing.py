@@ -9,6 +9,9 @@ transformers' ``Trainer`` saves the model (or adapter), optimizer, LR scheduler,
   micro-steps; its micro-step counter ``_step`` selects the slice and the inner iteration, and ``_buffered_inputs``
   holds the batch (rollouts, rewards, advantages, old log-probs, the surrogate draws). A checkpoint inside a cycle
   keeps the batch, so the resumed run continues the cycle instead of regenerating;
+- the **data order**: TRL's ``RepeatSampler`` draws one permutation per epoch from its own generator, which a new
+  run re-seeds, so a run resumed in epoch 2 would replay epoch 1's order; :class:`ResumableRepeatSampler` keeps the
+  generator state the checkpoint's epoch started from;
 - the **unscorable-batch streak** (:mod:`trl_diffpo.validation`) and the **sampler head callback's** rollout-time
   state (the frozen behaviour head of its PPO ratio, its fallback counters).
 
@@ -25,13 +28,14 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.trainer.utils import RepeatSampler
 
 from .sampler_head import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME
 
 logger = get_logger(__name__)
 
 DIFFPO_STATE_NAME = "diffpo_state.pt"
-DIFFPO_STATE_VERSION = 1
+DIFFPO_STATE_VERSION = 2
 # `resume_from_checkpoint` values that mean "the last checkpoint in output_dir" (the CLI passes strings).
 LATEST_CHECKPOINT_WORDS = ("true", "latest", "last")
 _NO_RESUME_WORDS = ("", "false", "none", "no")
@@ -78,6 +82,45 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     return folder
 
 
+class ResumableRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` that remembers the generator state its current epoch's permutation was drawn from.
+
+    :meth:`resume_state` is the state a resumed run must start its first epoch from: the current epoch's start when
+    a checkpoint falls inside an epoch (the Trainer then replays that epoch and skips the batches already trained),
+    the state after the last permutation when the epoch has been read to its end (the resumed run starts the next).
+    """
+
+    @classmethod
+    def wrap(cls, sampler: RepeatSampler, resume_state: torch.Tensor | None = None) -> ResumableRepeatSampler:
+        resumable = cls.__new__(cls)
+        resumable.__dict__.update(sampler.__dict__)
+        if resume_state is not None and resumable.shuffle:
+            resumable.generator.set_state(resume_state)
+        resumable._epoch_start_state = resumable.generator.get_state() if resumable.shuffle else None
+        resumable._exhausted = False
+        return resumable
+
+    def __iter__(self):
+        if self.shuffle:
+            self._epoch_start_state = self.generator.get_state()
+        self._exhausted = False
+        yield from super().__iter__()
+        self._exhausted = True
+
+    def resume_state(self) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        return self.generator.get_state() if self._exhausted else self._epoch_start_state
+
+
+def resumable_train_sampler(trainer, sampler):
+    """Wrap TRL's train sampler (applying a restored data-order state) and keep it where the checkpoint finds it."""
+    if isinstance(sampler, RepeatSampler):
+        sampler = ResumableRepeatSampler.wrap(sampler, getattr(trainer, "_restored_sampler_state", None))
+    trainer._diffpo_train_sampler = sampler
+    return sampler
+
+
 def _to_device(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -92,6 +135,11 @@ def _generate_every(trainer) -> int:
     return trainer.args.steps_per_generation * trainer.num_iterations
 
 
+def _cycle_shape(trainer) -> list[int]:
+    args = trainer.args
+    return [args.steps_per_generation, trainer.num_iterations, args.per_device_train_batch_size]
+
+
 def in_generation_cycle(trainer) -> bool:
     """Whether the next micro-step reuses the buffered generation batch (a checkpoint here is "mid-cycle")."""
     return trainer._buffered_inputs is not None and trainer._step % _generate_every(trainer) != 0
@@ -101,9 +149,12 @@ def diffpo_state(trainer) -> dict[str, Any]:
     """The resume state of ``trainer`` on this process (CPU tensors and plain values only)."""
     rollout = trainer._rollout_generator
     head = trainer.sampler_head_callback
+    sampler = getattr(trainer, "_diffpo_train_sampler", None)
     state = {
         "version": DIFFPO_STATE_VERSION,
+        "data_order": sampler.resume_state() if isinstance(sampler, ResumableRepeatSampler) else None,
         "step": int(trainer._step),
+        "cycle_shape": _cycle_shape(trainer),
         "rollout_generator": None if rollout is None else rollout.get_state(),
         "rollout_device": None if rollout is None else rollout.device.type,
         "surrogate_generator": trainer._surrogate_generator.get_state(),
@@ -156,7 +207,18 @@ def load_diffpo_state(trainer, folder: str) -> list[str]:
             generator = trainer._rollout_random(device)
             generator.set_state(state["rollout_generator"])
             restored.append("rollout RNG")
+    if state["cycle_shape"] != _cycle_shape(trainer):
+        logger.warning(
+            f"{path} was written with (steps_per_generation, num_iterations, per_device_train_batch_size) = "
+            f"{tuple(state['cycle_shape'])}, this run uses {tuple(_cycle_shape(trainer))}: the buffered generation "
+            "batch is dropped and a new generation cycle starts."
+        )
+        state["buffered_inputs"] = None
+        state["step"] = 0  # TRL's own behaviour on resume: the next micro-step generates
     trainer._step = state["step"]
+    if state["data_order"] is not None:
+        trainer._restored_sampler_state = state["data_order"]
+        restored.append("data order")
     if state["buffered_inputs"] is not None:
         trainer._buffered_inputs = _to_device(state["buffered_inputs"], device)
         restored.append(f"buffered generation batch (micro-step {trainer._step % _generate_every(trainer)})")

@@ -47,6 +47,7 @@ from .checkpointing import (
     load_diffpo_state,
     resolve_resume_checkpoint,
     restored_summary,
+    resumable_train_sampler,
     save_diffpo_state,
 )
 from .config import DiffpoConfig
@@ -656,6 +657,9 @@ class DiffpoTrainer(GRPOTrainer):
         if self.args.should_save:
             self.create_model_card()
         return output
+
+    def _get_train_sampler(self, dataset=None):
+        return resumable_train_sampler(self, super()._get_train_sampler(dataset))
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
