@@ -1,6 +1,7 @@
 """Exact resume: a run resumed from any checkpoint (a generation boundary or inside a generation cycle) reproduces
 the uninterrupted run bit for bit on CPU: same rollouts, same logged metrics, same final weights."""
 
+import json
 import logging
 import os
 
@@ -121,3 +122,14 @@ def test_a_checkpoint_without_diffpo_state_resumes_and_says_what_is_missing(toke
     messages = [r.getMessage() for r in caplog.records]
     assert any("has no diffpo_state.pt: the rollout and surrogate random streams restart" in m for m in messages)
     assert any(m.endswith("not in the checkpoint: DiFFPO RNG streams and generation cycle.") for m in messages)
+
+
+def test_cli_resume_from_checkpoint_true(tmp_path):
+    from test_cli import TINY
+    from trl_diffpo.scripts.train import main
+
+    argv = ["--config", str(TINY), "--output_dir", str(tmp_path), "--save_strategy", "steps", "--save_steps", "1"]
+    assert main([*argv, "--max_steps", "1"]) == 0
+    assert main([*argv, "--max_steps", "2", "--resume_from_checkpoint", "true"]) == 0  # was: "Can't find a valid
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())  # checkpoint at true"
+    assert state["global_step"] == 2 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]
