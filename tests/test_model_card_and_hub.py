@@ -44,20 +44,25 @@ class RecordingHfApi:
         return future
 
 
+def any_text_reward(completions, **kwargs):
+    """`text_reward` for plain and conversational completions."""
+    return text_reward([c if isinstance(c, str) else c[-1]["content"] for c in completions])
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()
 
 
-def head_trainer(tokenizer, output_dir, callbacks=True, model=None, **overrides):
+def head_trainer(tokenizer, output_dir, callbacks=True, model=None, prompts=PROMPTS, **overrides):
     options = {"sampler": "entropy_bounded", "threshold": 1.0, "max_steps": 2, "num_iterations": 1}
     options.update(overrides)
     model = model or build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
     return DiffpoTrainer(
         model=model,
-        reward_funcs=text_reward,
+        reward_funcs=any_text_reward,
         args=tiny_args(output_dir, **options),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
         processing_class=tokenizer,
         callbacks=[SamplerHeadCallback(nfe_penalty=0.25, mlp_hidden_size=8)] if callbacks else None,
     )
@@ -123,8 +128,10 @@ def test_card_names_base_model_data_settings_and_results(tokenizer, tmp_path):
     assert "- openai/gsm8k" in card and "(https://huggingface.co/datasets/openai/gsm8k)" in card
 
 
-@pytest.mark.parametrize("use_peft", [False, True], ids=["model_and_head", "lora_adapter_and_head"])
-def test_card_quick_start_runs(tokenizer, tmp_path, capsys, use_peft):
+@pytest.mark.parametrize(
+    ("use_peft", "chat"), [(False, False), (True, False), (False, True)], ids=["model", "lora_adapter", "chat_prompts"]
+)
+def test_card_quick_start_runs(tokenizer, tmp_path, capsys, use_peft, chat):
     output_dir = tmp_path / "run"
     model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
     peft_config = None
@@ -135,7 +142,8 @@ def test_card_quick_start_runs(tokenizer, tmp_path, capsys, use_peft):
         model.save_pretrained(tmp_path / "base")
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    trainer = head_trainer(tokenizer, output_dir, model=model, max_steps=1)
+    prompts = [[{"role": "user", "content": prompt}] for prompt in PROMPTS] if chat else PROMPTS
+    trainer = head_trainer(tokenizer, output_dir, model=model, prompts=prompts, max_steps=1)
     if use_peft:
         trainer = DiffpoTrainer(
             model=model,
@@ -150,6 +158,7 @@ def test_card_quick_start_runs(tokenizer, tmp_path, capsys, use_peft):
     trainer.save_model(str(output_dir))
     card = (output_dir / "README.md").read_text()
     assert "| head NFE penalty (lambda) | 0.25 |" in card
+    assert ("messages = [{'role': 'user', 'content': '1+2='}]" in card) == chat
     if use_peft:
         assert "library_name: peft" in card and "| adapter | LORA r=4, alpha=8" in card
     code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)

@@ -117,6 +117,7 @@ def resumable_train_sampler(trainer, sampler):
     """Wrap TRL's train sampler (applying a restored data-order state) and keep it where the checkpoint finds it."""
     if isinstance(sampler, RepeatSampler):
         sampler = ResumableRepeatSampler.wrap(sampler, getattr(trainer, "_restored_sampler_state", None))
+    trainer._restored_sampler_state = None  # used once: a later train() without resume starts from the seed
     trainer._diffpo_train_sampler = sampler
     return sampler
 

@@ -152,20 +152,22 @@ def quick_start(trainer, repo_id: str) -> str:
     if peft:
         base_id = get_config_model_id(base.config) or "<the base model's id or path>"
         lines += [
-            f"base = {auto_class}.from_pretrained({base_id!r})",
+            f"base = {auto_class}.from_pretrained({base_id!r}, dtype='auto')",
             "model = PeftModel.from_pretrained(base, repo_id).eval()",
         ]
     else:
-        lines.append(f"model = {auto_class}.from_pretrained(repo_id).eval()")
+        lines.append(f"model = {auto_class}.from_pretrained(repo_id, dtype='auto').eval()")
     if isinstance(example, list):
         lines += [
             f"messages = {example!r}",
-            "input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
+            "input_ids = tokenizer.apply_chat_template(",
+            "    messages, add_generation_prompt=True, return_dict=True, return_tensors='pt'",
+            ")['input_ids'].to(model.device)",
         ]
     else:
         lines += [
             f"prompt = {example if example is not None else 'Your prompt here'!r}",
-            "input_ids = tokenizer(prompt, return_tensors='pt')['input_ids']",
+            "input_ids = tokenizer(prompt, return_tensors='pt')['input_ids'].to(model.device)",
         ]
     decoding = [
         f"gen_length={args.max_completion_length}",
@@ -175,7 +177,7 @@ def quick_start(trainer, repo_id: str) -> str:
     if args.sampler in FIXED_SCHEDULE_SAMPLERS:
         decoding.append(f"steps={args.diffusion_steps}")
     if head:
-        lines.append("head = load_sampler_head(repo_id)  # the learned per-prompt threshold")
+        lines.append("head = load_sampler_head(repo_id, device=model.device)  # the learned per-prompt threshold")
         decoding.append("threshold_fn=head.predict_threshold")
     elif args.sampler in ADAPTIVE_SAMPLERS:
         decoding.append(f"threshold={args.threshold}")
