@@ -69,6 +69,16 @@ class DiffpoConfig(GRPOConfig):
         surrogate_seed (`int` or `None`, *optional*, defaults to `None`):
             Seed of the local generator that draws the surrogate's randomness (prompt masks, cut points); `None` uses
             `seed`. Each process offsets it by its index.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            Longest prompt in tokens; longer prompts keep their last `max_prompt_length` tokens (left truncation, as
+            TRL truncated before 1.16 removed the option). `None` keeps prompts whole. A prompt plus the canvas that
+            exceeds a model's learned position table (BERT: 512) is refused with a message giving the largest value
+            that fits.
+        max_unscorable_steps (`int`, *optional*, defaults to `3`):
+            Training stops with an error after this many consecutive generation batches in which every reward
+            function returned `None`/NaN for every completion (they train at zero gradient: usually a broken reward
+            or a missing dataset column). Each such batch is warned about and counted (`rewards/unscorable_batches`).
+            0 only warns.
     """
 
     # Overridden GRPO defaults: DiFFPO / d1's recipe
@@ -169,11 +179,25 @@ class DiffpoConfig(GRPOConfig):
         default=None, metadata={"help": "Seed of the surrogate's prompt masks and cut points; None uses `seed`."}
     )
 
+    # Input limits
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt in tokens; longer prompts keep their last tokens. None: no truncation."},
+    )
+    max_unscorable_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop after this many consecutive generation batches where no completion got a reward (0: only "
+            "warn)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._refuse_other_generation_backends()
         self._check_decoding()
         self._check_surrogate()
+        self._check_input_limits()
 
     @property
     def surrogate_stages(self) -> int:
@@ -277,3 +301,12 @@ class DiffpoConfig(GRPOConfig):
             )
         if not (math.isfinite(self.is_clamp) and self.is_clamp > 0):
             raise ValueError(f"is_clamp must be a finite number > 0, got {self.is_clamp}.")
+
+    def _check_input_limits(self) -> None:
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(
+                f"max_prompt_length must be a positive number of tokens or None (no truncation), got "
+                f"{self.max_prompt_length}."
+            )
+        if self.max_unscorable_steps < 0:
+            raise ValueError(f"max_unscorable_steps must be >= 0 (0: only warn), got {self.max_unscorable_steps}.")

@@ -886,6 +886,29 @@ class SamplerHeadCallback(TrainerCallback):
         logger.info("Restored the sampler head from %s.", checkpoint_folder)
         return True
 
+    def resume_state(self) -> dict[str, Any]:
+        """Rollout-time state a checkpoint needs for an exact resume (see :mod:`trl_diffpo.checkpointing`): the frozen
+        behaviour head of the PPO ratio (inside a generation cycle the next steps score the buffered rows against it)
+        and the fallback counters. The noise draws need nothing: they are derived from the global step."""
+        behaviour = self._behaviour_head
+        return {
+            "behaviour_head": None if behaviour is None else head_state_dict(behaviour),
+            "behaviour_sigma": self._behaviour_sigma,
+            "scored_since_snapshot": self._scored_since_snapshot,
+            "fallback_counts": dict(self.fallback_counts),
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`resume_state` (after the head itself exists)."""
+        head = self._require_head()
+        if state["behaviour_head"] is not None:
+            snapshot = SamplerHead(head.config).to(head.dtype)
+            load_head_weights(snapshot, state["behaviour_head"], source="the checkpoint's behaviour head")
+            self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
+        self._behaviour_sigma = state["behaviour_sigma"]
+        self._scored_since_snapshot = bool(state["scored_since_snapshot"])
+        self.fallback_counts = dict(state["fallback_counts"])
+
     def _count_fallback(self, name: str) -> None:
         self.fallback_counts[name] = self.fallback_counts.get(name, 0) + 1
 

@@ -41,11 +41,21 @@ from trl.trainer.utils import (
 )
 
 from .backbones import DiffusionBackbone, check_bidirectional, is_shifted_logits_model, resolve_mask_token_id
+from .checkpointing import (
+    copy_head_files,
+    load_diffpo_state,
+    resolve_resume_checkpoint,
+    restored_summary,
+    resumable_train_sampler,
+    save_diffpo_state,
+)
 from .config import DiffpoConfig
 from .generation import DiffusionGenerateOutput, diffusion_generate, first_true_index
 from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs
+from .model_card import write_model_card
 from .rollout_metrics import importance_weight_metrics, rollout_metrics
 from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
+from .validation import PromptLengthGuard, UnscorableStreak, check_datasets, check_reward_output
 
 logger = get_logger(__name__)
 
@@ -92,12 +102,14 @@ def _named_reward(func, name: str):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            output = func(*args, **kwargs)
         except Exception as err:
             raise RuntimeError(
                 f"Reward function {name!r} raised {type(err).__name__}: {err}. Reward functions must return a float "
                 "(or None when not applicable) for every completion, whatever its text."
             ) from err
+        completions = kwargs.get("completions")
+        return check_reward_output(name, output, None if completions is None else len(completions))
 
     return wrapper
 
@@ -263,6 +275,12 @@ class DiffpoTrainer(GRPOTrainer):
             self.sampler_head_callback.setup(self)
             if self._policy_is_frozen():
                 self._average_head_gradients_under_ddp()
+        check_datasets(train_dataset, eval_dataset, args)
+        self._prompt_guard = PromptLengthGuard(
+            self.model, args.max_prompt_length, self.max_completion_length, self.pad_to_multiple_of
+        )
+        self._unscorable_streak = UnscorableStreak(args.max_unscorable_steps)
+        self._resumed_diffpo_state: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ construction
 
@@ -413,6 +431,10 @@ class DiffpoTrainer(GRPOTrainer):
         logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs.cpu(), lengths, strict=True)]
         return completion_ids, logprobs
 
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        return self._prompt_guard(prompt_ids, self._metrics[self._mode()]), images, multimodal_fields
+
     def _generate(self, prompts: list):
         (prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images) = (
             super()._generate(prompts)
@@ -436,6 +458,9 @@ class DiffpoTrainer(GRPOTrainer):
             self._metrics[mode][f"rewards/{name}/missing_frac"].append(missing[:, i].float().mean().item())
         # Completions without any reward get a zero advantage (TRL); count them.
         self._metrics[mode]["rewards/unscorable_frac"].append(missing.all(dim=1).float().mean().item())
+        if mode == "train":
+            self._unscorable_streak.update(rewards_per_func, self.reward_func_names, self.state.global_step)
+            self._metrics[mode]["rewards/unscorable_batches"].append(float(self._unscorable_streak.total))
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
 
@@ -657,6 +682,40 @@ class DiffpoTrainer(GRPOTrainer):
         super().save_model(output_dir, _internal_call)
         if self.sampler_head_callback is not None:
             self.sampler_head_callback.save_head(output_dir if output_dir is not None else self.args.output_dir)
+
+    # ------------------------------------------------------------------------------ checkpoints, resume, the Hub
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint` may be `True` or the strings "true" / "latest" (the CLI's
+        form) for the last checkpoint; the DiFFPO state (RNG streams, generation cycle) is restored with the rest; the
+        model card is written at the end (also with `save_strategy="no"`)."""
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self._resumed_diffpo_state = load_diffpo_state(self, checkpoint)
+        output = super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        if self.args.should_save:
+            self.create_model_card()
+        return output
+
+    def _get_train_sampler(self, dataset=None):
+        return resumable_train_sampler(self, super()._get_train_sampler(dataset))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        save_diffpo_state(self, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:  # the last restore step of `Trainer._prepare_for_training`
+            logger.warning(restored_summary(self, checkpoint, self._resumed_diffpo_state))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        copy_head_files(checkpoint_folder, self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """Write README.md: base model, data, DiFFPO settings, end-of-training numbers and a diffusion quick start."""
+        write_model_card(self, model_name, dataset_name, tags)
 
 
 __all__ = ["DiffpoTrainer"]
