@@ -263,7 +263,8 @@ def test_zero3_without_gathering_keeps_collective_forwards_in_step(deepspeed_run
     num_blocks = GEN_LENGTH // BLOCK_LENGTH
     for slow_rollout, fast_rollout in zip(slow["rollouts"], fast["rollouts"], strict=True):
         # the set-up really needs different step counts: rank 1 commits a whole block per step ...
-        assert fast_rollout["nfe"].tolist() == [num_blocks] * len(fast_rollout["nfe"])
+        # (a row may also stop earlier at an EOS)
+        assert int(fast_rollout["nfe"].max()) <= num_blocks
         assert int(slow_rollout["nfe"].max()) > num_blocks
         # ... yet both ranks issued as many forwards as the slowest rank needed
         assert slow_rollout["forwards"] == fast_rollout["forwards"] == int(slow_rollout["nfe"].max())
