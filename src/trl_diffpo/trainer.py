@@ -18,21 +18,18 @@ every TRL loss type (each is linear in a non-negative weight on ``A``) and leave
 from __future__ import annotations
 
 import copy
-import functools
 import textwrap
 from dataclasses import dataclass
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
-from transformers import AutoProcessor, GenerationConfig
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
-    create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
     is_async_callable,
@@ -55,7 +52,8 @@ from .likelihood import draw_surrogate_randomness, importance_weights, surrogate
 from .model_card import write_model_card
 from .rollout_metrics import importance_weight_metrics, rollout_metrics
 from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
-from .validation import PromptLengthGuard, UnscorableStreak, check_datasets, check_reward_output
+from .trainer_setup import average_head_gradients_under_ddp, load_policy, named_reward, prepare_model_for_grpo
+from .validation import PromptLengthGuard, UnscorableStreak, check_datasets
 
 logger = get_logger(__name__)
 
@@ -94,24 +92,6 @@ def _fit(tensor: torch.Tensor, width: int, fill: float) -> torch.Tensor:
         return tensor[..., :width]
     padding = tensor.new_full((*tensor.shape[:-1], width - length), fill)
     return torch.cat([tensor, padding], dim=-1)
-
-
-def _named_reward(func, name: str):
-    """Wrap a synchronous reward function so that an exception names the function that raised it."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            output = func(*args, **kwargs)
-        except Exception as err:
-            raise RuntimeError(
-                f"Reward function {name!r} raised {type(err).__name__}: {err}. Reward functions must return a float "
-                "(or None when not applicable) for every completion, whatever its text."
-            ) from err
-        completions = kwargs.get("completions")
-        return check_reward_output(name, output, None if completions is None else len(completions))
-
-    return wrapper
 
 
 class DiffpoTrainer(GRPOTrainer):
@@ -196,10 +176,10 @@ class DiffpoTrainer(GRPOTrainer):
 
         loaded_here = isinstance(model, str)
         if loaded_here:
-            model, processing_class = self._load_policy(model, args, quantization_config, processing_class)
+            model, processing_class = load_policy(model, args, quantization_config, processing_class)
             quantization_config = None
         base_model = model.get_base_model() if is_peft_model(model) else model
-        self._prepare_model_for_grpo(base_model, args, processing_class)
+        prepare_model_for_grpo(base_model, args, processing_class)
 
         # Full fine-tuning: TRL would rebuild the reference model from `_name_or_path`, which fails for models built
         # in memory, so take a frozen copy now (before TRL patches `forward`) and hide beta from TRL while it
@@ -251,7 +231,7 @@ class DiffpoTrainer(GRPOTrainer):
         self._logits_shift = is_shifted_logits_model(self.model)
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
             if not isinstance(func, torch.nn.Module) and not is_async_callable(func):
-                self.reward_funcs[i] = _named_reward(func, name)
+                self.reward_funcs[i] = named_reward(func, name)
 
         seed = args.seed if args.surrogate_seed is None else args.surrogate_seed
         process_offset = self.accelerator.process_index * _PROCESS_SEED_STRIDE
@@ -274,7 +254,7 @@ class DiffpoTrainer(GRPOTrainer):
                 )
             self.sampler_head_callback.setup(self)
             if self._policy_is_frozen():
-                self._average_head_gradients_under_ddp()
+                average_head_gradients_under_ddp(self)
         check_datasets(train_dataset, eval_dataset, args)
         self._prompt_guard = PromptLengthGuard(
             self.model, args.max_prompt_length, self.max_completion_length, self.pad_to_multiple_of
@@ -283,73 +263,6 @@ class DiffpoTrainer(GRPOTrainer):
         self._resumed_diffpo_state: list[str] = []
 
     # ------------------------------------------------------------------------------------------------ construction
-
-    def _average_head_gradients_under_ddp(self) -> None:
-        """``sampler_only`` never calls the DDP-wrapped model's forward (the frozen dLLM needs no surrogate), and DDP
-        only reduces gradients after its own forward: average the head's gradients across processes as they arrive.
-        DeepSpeed reduces through its own gradient hooks, and a single process needs nothing."""
-        if self.accelerator.num_processes == 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return
-        world_size = self.accelerator.num_processes
-
-        def average(gradient: torch.Tensor) -> torch.Tensor:
-            gradient = gradient.clone()
-            torch.distributed.all_reduce(gradient)
-            return gradient / world_size
-
-        for parameter in self.sampler_head_callback.head.parameters():
-            parameter.register_hook(average)
-
-    @staticmethod
-    def _load_policy(model_id: str, args: DiffpoConfig, quantization_config, processing_class):
-        """Load the policy (and tokenizer) from an id as GRPOTrainer does, so that it can be checked before TRL's init."""
-        kwargs = dict(args.model_init_kwargs or {})
-        if quantization_config is not None:
-            if "quantization_config" in kwargs:
-                raise ValueError(
-                    "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. Set it "
-                    "in only one place, preferably as a trainer argument."
-                )
-            kwargs["quantization_config"] = quantization_config
-        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-            kwargs["device_map"] = None
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        model = create_model_from_path(model_id, **kwargs)
-        if processing_class is None:
-            processing_class = AutoProcessor.from_pretrained(
-                model_id,
-                revision=kwargs.get("revision"),
-                truncation_side="left",
-                padding_side="left",
-                trust_remote_code=args.trust_remote_code,
-            )
-        return model, processing_class
-
-    @staticmethod
-    def _prepare_model_for_grpo(base_model, args: DiffpoConfig, processing_class) -> None:
-        """Give TRL what it reads from a causal LM: a generation config, and checkpointing only where supported."""
-        if getattr(base_model, "generation_config", None) is None:  # e.g. BertForMaskedLM
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            special = {
-                key: getattr(tokenizer, key, None) if tokenizer is not None else None
-                for key in ("pad_token_id", "eos_token_id", "bos_token_id")
-            }
-            base_model.generation_config = GenerationConfig(**{k: v for k, v in special.items() if v is not None})
-        if args.gradient_checkpointing and not getattr(base_model, "supports_gradient_checkpointing", False):
-            logger.warning(
-                f"{type(base_model).__name__} does not support gradient checkpointing; training without it "
-                "(`gradient_checkpointing=False`)."
-            )
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        if args.cast_lm_head_to_fp32 and not hasattr(base_model, "lm_head"):
-            # TRL casts `model.lm_head`; LLaDA's output layer is `model.transformer.ff_out`, BERT's `cls.predictions`.
-            raise ValueError(
-                f"`cast_lm_head_to_fp32=True` casts `model.lm_head`, which {type(base_model).__name__} does not have "
-                f"(its output layer is {type(base_model.get_output_embeddings()).__name__}). Set "
-                "`cast_lm_head_to_fp32=False`."
-            )
 
     def _prepare_reference(self, reference):
         if self.args.disable_dropout:
