@@ -11,7 +11,7 @@ from trl_diffpo.scripts import cpu_deepspeed
 from trl_diffpo.scripts import train as train_script
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "examples" / "configs" / "tiny_cpu.yaml"  # bf16: false, use_cpu: true, no ddp_backend
+TINY = ROOT / "examples" / "configs" / "tiny_cpu.yaml"  # bf16: false, no ddp_backend
 ZERO3 = ROOT / "examples" / "accelerate_configs" / "zero3.yaml"  # mixed_precision: bf16
 
 
@@ -24,31 +24,16 @@ def _launch(argv: list[str], monkeypatch, accelerator: bool):
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", str(ZERO3)])
-def test_cpu_deepspeed_launch_gets_gloo_matching_precision_and_keeps_deepspeed(monkeypatch, config):
+def test_cpu_deepspeed_launch_gets_gloo_and_matching_precision(monkeypatch, config):
     accelerate_args = _launch(["--accelerate_config", config, "--num_processes", "2"], monkeypatch, False)
-    assert accelerate_args.training_script_args == [
-        "--config",
-        str(TINY),
-        "--ddp_backend",
-        "gloo",
-        "--use_cpu",
-        "false",
-    ]
+    assert accelerate_args.training_script_args == ["--config", str(TINY), "--ddp_backend", "gloo"]
     assert accelerate_args.mixed_precision == "no"  # the config's bf16 would contradict bf16: false
 
 
-def test_cpu_deepspeed_launch_keeps_what_the_user_set(monkeypatch):
-    argv = ["--accelerate_config", "zero2", "--mixed_precision", "bf16", "--use_cpu", "false"]
-    accelerate_args = _launch(argv, monkeypatch, False)
+def test_cpu_deepspeed_launch_keeps_the_users_mixed_precision(monkeypatch):
+    accelerate_args = _launch(["--accelerate_config", "zero2", "--mixed_precision", "bf16"], monkeypatch, False)
     assert accelerate_args.mixed_precision == "bf16"
-    assert accelerate_args.training_script_args == [
-        "--config",
-        str(TINY),
-        "--use_cpu",
-        "false",
-        "--ddp_backend",
-        "gloo",
-    ]
+    assert accelerate_args.training_script_args == ["--config", str(TINY), "--ddp_backend", "gloo"]
 
 
 @pytest.mark.parametrize(
@@ -69,4 +54,3 @@ def test_cpu_deepspeed_launch_is_announced(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger=cpu_deepspeed.__name__):
         _launch(["--accelerate_config", "zero3", "--num_processes", "2"], monkeypatch, False)
     assert "No GPU found: running DeepSpeed on 2 CPU processes with the gloo backend" in caplog.text
-    assert "use_cpu switched off" in caplog.text

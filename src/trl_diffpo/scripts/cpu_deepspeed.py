@@ -1,16 +1,16 @@
 """``trl-diffpo train --accelerate_config zero2|zero3`` on a machine without a GPU: DeepSpeed on CPU processes.
 
-DeepSpeed runs ZeRO-2/3 on CPU processes with the gloo backend, but three defaults stand in the way when
+DeepSpeed runs ZeRO-2/3 on CPU processes with the gloo backend, but two defaults stand in the way when
 ``accelerate launch`` starts it from a GPU-oriented config (TRL's shipped ``zero2``/``zero3`` and ours):
 
 - accelerate picks no process-group backend on a CPU, DeepSpeed then starts gloo with every rank anyway while
   accelerate believes it runs one process (``train_batch_size is not equal to micro_batch_per_gpu *
   gradient_acc_step * world_size``): the training processes get ``--ddp_backend gloo``;
 - the configs ask for ``mixed_precision: bf16`` while CPU training arguments say ``bf16: false`` (DeepSpeed refuses
-  the mismatch): accelerate gets the precision of the training arguments;
-- ``use_cpu: true`` (set by CPU recipes such as ``examples/configs/tiny_cpu.yaml``) makes accelerate drop DeepSpeed
-  silently and train with plain DDP: it is switched off (on a machine without an accelerator the device is the CPU
-  either way).
+  the mismatch): accelerate gets the precision of the training arguments.
+
+(``use_cpu: true``, as in ``examples/configs/tiny_cpu.yaml``, does no harm on this route: accelerate launch sets
+``ACCELERATE_USE_DEEPSPEED`` and DeepSpeed stays on.)
 
 Nothing changes when an accelerator (CUDA, XPU, ...) is present or when the launch is not a DeepSpeed one; a
 ``--ddp_backend`` or accelerate ``--mixed_precision`` the user gave is kept.
@@ -60,15 +60,12 @@ def adapt_for_cpu_deepspeed(accelerate_args, training_args, accelerator_availabl
     extra_training_args = []
     if training_args.ddp_backend is None:
         extra_training_args += ["--ddp_backend", CPU_BACKEND]
-    if training_args.use_cpu:
-        extra_training_args += ["--use_cpu", "false"]
     if getattr(accelerate_args, "mixed_precision", None) is None:
         accelerate_args.mixed_precision = "bf16" if training_args.bf16 else "no"
     logger.warning(
-        "No GPU found: running DeepSpeed on %s CPU processes with the %s backend (mixed precision %s%s).",
+        "No GPU found: running DeepSpeed on %s CPU processes with the %s backend (mixed precision %s).",
         getattr(accelerate_args, "num_processes", None) or "the config's",
         training_args.ddp_backend or CPU_BACKEND,
         accelerate_args.mixed_precision,
-        ", use_cpu switched off: it would turn DeepSpeed off" if training_args.use_cpu else "",
     )
     return extra_training_args
