@@ -307,7 +307,7 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
         p_mask_prompt=0.0,
         reward_weights=[1.0, 1.0],
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         save_strategy="no",
