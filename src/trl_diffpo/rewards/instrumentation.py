@@ -15,7 +15,6 @@ Reward models (a model id or ``nn.Module``) and async functions are left as they
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,12 +41,13 @@ def prepare_reward_funcs(reward_funcs: Any, args: Any = None) -> list:
 def timed_reward(func: Any) -> Any:
     """``func`` wrapped to log ``rewards/<name>/time_s`` and ``rewards/<name>/fallbacks`` through the ``log_metric``
     keyword TRL passes (nothing is logged without it); anything but a plain sync callable is returned as is."""
+    from trl.trainer.utils import is_async_callable
+
     if (
         not callable(func)
         or isinstance(func, (str, type))
         or getattr(func, _INSTRUMENTED, False)
-        or inspect.iscoroutinefunction(func)
-        or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+        or is_async_callable(func)
         or _is_module(func)
     ):
         return func
@@ -71,13 +71,10 @@ def timed_reward(func: Any) -> Any:
 
 
 def _callable_name(func: Callable) -> str:
-    """The name TRL gives a reward function (``trl.trainer.utils.get_callable_name``), so metrics line up."""
-    try:
-        from trl.trainer.utils import get_callable_name
+    """The name TRL gives a reward function, so that our metrics sit next to its ``rewards/<name>/mean``."""
+    from trl.trainer.utils import get_callable_name
 
-        return get_callable_name(func)
-    except ImportError:  # pragma: no cover - trl is a dependency
-        return getattr(func, "__name__", type(func).__name__)
+    return get_callable_name(func)
 
 
 def _is_module(func: Any) -> bool:
