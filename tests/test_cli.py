@@ -141,6 +141,26 @@ def test_help_documents_every_option(capsys):
         assert phrase in text
 
 
+def test_help_leads_with_diffpo_option_groups(capsys):
+    # before: 1,235 lines with the DiFFPO options from about line 993, after TrainingArguments
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    titles = [line[:-1] for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    diffpo = list(train_script.DIFFPO_OPTION_GROUPS)
+    assert titles[: len(diffpo) + 1] == ["options", *diffpo]
+    assert titles[len(diffpo) + 1].startswith("TRL training arguments")
+    position = {line.split()[0].rstrip(","): index for index, line in enumerate(lines) if line.startswith("  --")}
+    assert max(position[f"--{name}"] for names in diffpo_groups() for name in names) < position["--learning_rate"]
+    assert position["--block_length"] < 40 and position["--block_length"] < position["--model_name_or_path"]
+    for name in ("--stop_at_eos", "--no_stop_at_eos", "--sampler_head_sigma", "--reward_batch_budget_s", "--task"):
+        assert position[name] < position["--learning_rate"]
+
+
+def diffpo_groups():
+    return train_script.DIFFPO_OPTION_GROUPS.values()
+
+
 def test_no_arguments_points_to_config_and_help(capsys):
     assert main([]) == 2
     error = capsys.readouterr().err

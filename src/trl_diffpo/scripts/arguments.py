@@ -71,7 +71,7 @@ class DiffpoScriptArguments(ScriptArguments):
             ``sigma_anneal_steps``, ``init_seed``); ``None`` keeps the head's default.
     """
 
-    _argument_group_name = "script arguments (data, rewards, sampler head)"
+    _argument_group_name = "script arguments (trl.ScriptArguments)"
 
     task: str | None = field(
         default=None,

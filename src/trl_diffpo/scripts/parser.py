@@ -11,6 +11,7 @@ from ..config import DiffpoConfig
 from ..sampler_head import SamplerHeadConfig
 from ..samplers import ADAPTIVE_SAMPLERS
 from .arguments import (
+    SAMPLER_HEAD_CONFIG_OPTIONS,
     DiffpoDatasetMixtureConfig,
     DiffpoModelConfig,
     DiffpoScriptArguments,
@@ -52,6 +53,51 @@ examples:
 See docs/cli.md and docs/scaling.md."""
 
 
+# `--help` shows these groups first, in this order, then TRL's (script, model, mixture and training arguments)
+DIFFPO_OPTION_GROUPS = {
+    "DiFFPO decoding (the diffusion sampler of the rollouts)": (
+        "max_completion_length",
+        "block_length",
+        "diffusion_steps",
+        "sampler",
+        "threshold",
+        "temperature",
+        "stop_at_eos",
+        "mask_token_id",
+    ),
+    "DiFFPO surrogate likelihood and importance sampling": (
+        "likelihood",
+        "num_stages",
+        "p_mask_prompt",
+        "is_correction",
+        "is_clamp",
+        "surrogate_seed",
+    ),
+    "DiFFPO sampler head (learned per-prompt threshold)": (
+        "use_sampler_head",
+        "sampler_head_mode",
+        "nfe_penalty",
+        "sampler_head_learning_rate",
+        "sampler_head_scale_advantages",
+        "sampler_head_pretrained",
+        *(f"sampler_head_{name}" for name in SAMPLER_HEAD_CONFIG_OPTIONS),
+    ),
+    "task, data and rewards": (
+        "task",
+        "task_kwargs",
+        "dataset_train_files",
+        "dataset_test_files",
+        "max_train_samples",
+        "max_eval_samples",
+        "reward_funcs",
+        "reward_model_name_or_path",
+        "reward_timeout_s",
+        "reward_batch_budget_s",
+        "reward_num_workers",
+    ),
+}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the description's line breaks."""
 
@@ -67,8 +113,33 @@ def make_parser(prog: str = PROG) -> TrlParser:
         formatter_class=_HelpFormatter,
         allow_abbrev=False,  # `--max_step` must not silently mean `--max_steps`
     )
-    parser._optionals.title = "training arguments (DiffpoConfig: every GRPOConfig option plus the diffusion ones)"
+    parser._optionals.title = "TRL training arguments (the rest of DiffpoConfig: GRPOConfig, TrainingArguments)"
+    _lead_with_diffpo_groups(parser)
     return parser
+
+
+def _lead_with_diffpo_groups(parser: argparse.ArgumentParser) -> None:
+    """Move DiFFPO's own options into :data:`DIFFPO_OPTION_GROUPS` and list those groups first in ``--help``.
+
+    Only the help layout changes: parsing reads ``parser._actions``, which groups do not touch.
+    """
+    actions: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:  # a boolean option has two actions: --flag and --no_flag
+        actions.setdefault(action.dest, []).append(action)
+    groups = []
+    for title, names in {"options": ("help",), **DIFFPO_OPTION_GROUPS}.items():
+        group = parser.add_argument_group(title)
+        group._group_actions.extend(_take(parser, action) for name in names for action in actions[name])
+        groups.append(group)
+    rest = [group for group in parser._action_groups if group not in groups and group._group_actions]
+    parser._action_groups[:] = groups + rest
+
+
+def _take(parser: argparse.ArgumentParser, action: argparse.Action) -> argparse.Action:
+    for group in parser._action_groups:
+        if action in group._group_actions:
+            group._group_actions.remove(action)
+    return action
 
 
 def _option_names(parser: argparse.ArgumentParser) -> list[str]:

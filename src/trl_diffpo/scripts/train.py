@@ -33,7 +33,7 @@ from .arguments import (  # noqa: F401 - the public names of this module before 
 from .data_loading import available_reward_functions, load_datasets, resolve_reward_funcs  # noqa: F401
 from .errors import CliError
 from .model_loading import TINY_MODEL_PREFIX, build_model, get_peft_config, parse_tiny_spec  # noqa: F401
-from .parser import ACCELERATE_CONFIG_FLAG, CONFIG_FLAG, PROG, make_parser, parse_args  # noqa: F401
+from .parser import ACCELERATE_CONFIG_FLAG, CONFIG_FLAG, DIFFPO_OPTION_GROUPS, PROG, make_parser, parse_args  # noqa: F401
 
 
 def train(script_args, training_args, model_args, dataset_args):
