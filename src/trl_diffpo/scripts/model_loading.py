@@ -6,6 +6,7 @@ from trl import ModelConfig
 
 from ..config import DiffpoConfig
 from .errors import CliError
+from .local_files import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def build_model(model_args: ModelConfig, training_args: DiffpoConfig):
         return model, tokenizer
     from transformers import AutoTokenizer
 
+    check_model_source(name, "--model_name_or_path")
     model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -76,13 +78,20 @@ def build_model(model_args: ModelConfig, training_args: DiffpoConfig):
     }
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
-    tokenizer = AutoTokenizer.from_pretrained(
-        name,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            padding_side="left",
+        )
+    except OSError as error:  # not on the Hub, offline without a cached copy, no tokenizer files in the folder
+        raise CliError(f"cannot load the tokenizer of --model_name_or_path {name!r}: {_first_line(error)}") from error
     return name, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def get_peft_config(model_args: ModelConfig):

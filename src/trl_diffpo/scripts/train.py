@@ -23,6 +23,8 @@ Examples::
 
 import sys
 
+from ..progress import use_compact_progress
+from ..rewards import prepare_reward_funcs
 from .arguments import (  # noqa: F401 - the public names of this module before it was split
     SAMPLER_HEAD_CONFIG_OPTIONS,
     DiffpoDatasetMixtureConfig,
@@ -32,6 +34,7 @@ from .arguments import (  # noqa: F401 - the public names of this module before 
 )
 from .data_loading import available_reward_functions, load_datasets, resolve_reward_funcs  # noqa: F401
 from .errors import CliError
+from .local_files import check_resume_checkpoint
 from .model_loading import TINY_MODEL_PREFIX, build_model, get_peft_config, parse_tiny_spec  # noqa: F401
 from .parser import ACCELERATE_CONFIG_FLAG, CONFIG_FLAG, DIFFPO_OPTION_GROUPS, PROG, make_parser, parse_args  # noqa: F401
 
@@ -57,7 +60,9 @@ def train(script_args, training_args, model_args, dataset_args):
         raise CliError(
             "no reward: give --task (which brings its rewards), --reward_funcs or --reward_model_name_or_path."
         )
+    reward_funcs = prepare_reward_funcs(reward_funcs, training_args)  # verifier limits; time and fallback metrics
     callback = build_sampler_head_callback(script_args)
+    check_resume_checkpoint(training_args.resume_from_checkpoint)
 
     trainer = DiffpoTrainer(
         model=model,
@@ -69,6 +74,7 @@ def train(script_args, training_args, model_args, dataset_args):
         peft_config=get_peft_config(model_args),
         callbacks=[callback] if callback is not None else None,
     )
+    use_compact_progress(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
     trainer.save_model(training_args.output_dir)
