@@ -12,6 +12,9 @@ import pytest
 import torch
 import yaml
 
+from transformers import ProgressCallback
+
+from trl_diffpo.progress import CompactProgressCallback, format_progress_line
 from trl_diffpo.scripts import train as train_script
 from trl_diffpo.scripts.train import CliError, main, make_parser, parse_args, parse_tiny_spec
 
@@ -305,9 +308,28 @@ def test_accelerate_config_relaunches_through_accelerate():
 
 def test_tiny_cpu_config_trains_end_to_end(tmp_path):
     output_dir = tmp_path / "tiny"
-    assert main(["--config", str(TINY), "--output_dir", str(output_dir), "--max_steps", "1"]) == 0
+    trainer = train_script.train(*parse_args(["--config", str(TINY), "--output_dir", str(output_dir)]))
     saved = {path.name for path in output_dir.iterdir()}
     assert {"model.safetensors", "config.json", "sampler_head.safetensors", "sampler_head_config.json"} <= saved
+    logs = [log for log in trainer.state.log_history if "reward" in log]
+    assert len(logs) == trainer.args.max_steps
+    # before: the Sudoku smoke run scored 0 on every completion, so no advantage and no real gradient step
+    assert all(log["frac_reward_zero_std"] < 1.0 and log["grad_norm"] > 0 for log in logs)
+    # per-function reward time and fallback counts are training metrics (rewards/instrumentation.py)
+    assert all(
+        log["rewards/countdown_reward/time_s"] >= 0 and log["rewards/countdown_reward/fallbacks"] == 0 for log in logs
+    )
+    # one short progress line per log instead of the whole metrics dict
+    progress = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, ProgressCallback)]
+    assert [type(callback) for callback in progress] == [CompactProgressCallback]
+
+
+def test_progress_line_is_short():
+    logs = {f"metric_{index}": float(index) for index in range(50)}
+    logs.update({"loss": 0.25, "reward": 0.5, "diffusion/nfe/mean": 12.0, "learning_rate": 1e-3})
+    line = format_progress_line(3, logs)
+    assert line == "step 3 | loss 0.25 | reward 0.5 | NFE 12 | lr 0.001"
+    assert format_progress_line(4, {"eval_reward": 1.0, "eval_loss": 0.5}) == "eval step 4 | loss 0.5 | reward 1"
 
 
 def _save_tiny_native_model(folder: Path, family: str) -> None:

@@ -194,7 +194,9 @@ class DiffpoConfig(GRPOConfig):
     )
     reward_batch_budget_s: float | None = field(
         default=DEFAULT_REWARD_BATCH_BUDGET_S,
-        metadata={"help": "Seconds one math-reward call may spend on its batch (unjudged answers: wrong); None: no limit."},
+        metadata={
+            "help": "Seconds one math-reward call may spend on its batch (unjudged answers: wrong); None: no limit."
+        },
     )
     reward_num_workers: int = field(
         default=DEFAULT_REWARD_NUM_WORKERS,
@@ -217,7 +219,11 @@ class DiffpoConfig(GRPOConfig):
         )
 
     def __post_init__(self):
-        if _HAS_ACTIVATION_CHECKPOINTING and self.activation_checkpointing is None and self.gradient_checkpointing is None:
+        if (
+            _HAS_ACTIVATION_CHECKPOINTING
+            and self.activation_checkpointing is None
+            and self.gradient_checkpointing is None
+        ):
             self.activation_checkpointing = True  # TRL's default, without transformers' deprecation warning
         super().__post_init__()
         self._check_rewards()

@@ -102,7 +102,9 @@ def _serve(max_memory_mb: int = 0) -> int:
         try:
             request = json.loads(line)
             pred = request["pred"]
-            correct = judge(str(request["gold"]), [str(form) for form in pred] if isinstance(pred, list) else str(pred))
+            correct = judge(
+                str(request["gold"]), [str(form) for form in pred] if isinstance(pred, list) else str(pred)
+            )
             reply = {"id": request["id"], "correct": bool(correct)}
         except Exception as err:  # a malformed request must not kill the worker
             reply = {"id": None, "error": repr(err)}

@@ -22,6 +22,7 @@ Examples::
 """
 
 import sys
+import warnings
 
 from ..progress import use_compact_progress
 from ..rewards import prepare_reward_funcs
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    # TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers >= 5.23 deprecates, on every step
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         if ACCELERATE_CONFIG_FLAG in argv:
             return launch_with_accelerate(argv)
