@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from transformers import ProgressCallback
 
 from trl_diffpo.progress import CompactProgressCallback, format_progress_line

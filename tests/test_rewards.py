@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from trl_diffpo.rewards import (
     REWARD_FALLBACKS,
-    answer_expression_forms,
     MathVerifier,
+    answer_expression_forms,
     completion_to_text,
     countdown_accuracy_reward,
     countdown_reward,
@@ -233,8 +233,19 @@ class TestMathRewards:
 
     @pytest.mark.parametrize(
         "answer",
-        [r"\boxed{-4u + 14}", "13 or 14", "x = 7, y = 14", "u + 14", r"\{1, 2, 14\}", "14 or 15", r"14 \text{ or } 15",
-         "between 13 and 14", "14, 28", r"\boxed{14 + u}", "so 14"],
+        [
+            r"\boxed{-4u + 14}",
+            "13 or 14",
+            "x = 7, y = 14",
+            "u + 14",
+            r"\{1, 2, 14\}",
+            "14 or 15",
+            r"14 \text{ or } 15",
+            "between 13 and 14",
+            "14, 28",
+            r"\boxed{14 + u}",
+            "so 14",
+        ],
     )
     def test_a_number_inside_a_longer_answer_is_not_the_answer(self, math_reward, answer):
         # before: the judge retried the raw text and math_verify took its last number, scoring these 1.0
@@ -242,7 +253,8 @@ class TestMathRewards:
         assert math_reward(None, [f"Thus {answer}"], answer=["14"]) == [0.0]
 
     @pytest.mark.parametrize(
-        "answer", ["130 dollars", r"130 \text{ dollars}", r"\$130", "The answer is 130", "130.", r"\boxed{130}", "x = 130"]
+        "answer",
+        ["130 dollars", r"130 \text{ dollars}", r"\$130", "The answer is 130", "130.", r"\boxed{130}", "x = 130"],
     )
     def test_final_answer_with_units_or_a_phrase_still_matches(self, math_reward, answer):
         assert math_reward(None, [f"<answer>{answer}</answer>"], answer=["130"]) == [1.0]

@@ -38,8 +38,8 @@ from .extraction import (
     normalize_gold_answer,
 )
 from .format import is_soft_format, is_strict_format, soft_format_reward, strict_format_reward, xml_count_reward
-from .math_answers import gsm8k_accuracy_reward, make_math_accuracy_reward, math_accuracy_reward
 from .instrumentation import prepare_reward_funcs, timed_reward
+from .math_answers import gsm8k_accuracy_reward, make_math_accuracy_reward, math_accuracy_reward
 from .math_verifier import MathVerifier, configure_default_verifier, get_default_verifier
 from .sudoku import (
     extract_sudoku_grid,
