@@ -283,8 +283,8 @@ def test_math500_needs_training_data(tmp_path):
 
 def test_task_data_from_local_files():
     script_args, args, _, dataset_args = parse_args(
-        ["--config", str(TINY), "--task", "gsm8k", "--dataset_train_files", str(FIXTURES / "gsm8k_train.jsonl"),
-         "--max_train_samples", "2"]
+        ["--config", str(TINY), "--task", "gsm8k", "--task_kwargs", "{}",
+         "--dataset_train_files", str(FIXTURES / "gsm8k_train.jsonl"), "--max_train_samples", "2"]
     )  # fmt: skip
     train, evaluation, task = train_script.load_datasets(script_args, args, dataset_args)
     assert task.name == "gsm8k" and evaluation is None
@@ -321,6 +321,18 @@ def test_tiny_cpu_config_trains_end_to_end(tmp_path):
     # one short progress line per log instead of the whole metrics dict
     progress = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, ProgressCallback)]
     assert [type(callback) for callback in progress] == [CompactProgressCallback]
+
+
+def test_missing_local_model_path_and_truncated_checkpoint_are_named(tmp_path, capsys):
+    assert main(["--config", str(TINY), "--model_name_or_path", "./no/such/model"]) == 2
+    assert "--model_name_or_path './no/such/model': no such file or folder" in capsys.readouterr().err
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+    argv = ["--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(checkpoint)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint / 'model.safetensors'} cannot be read" in error and "truncated or corrupt" in error
 
 
 def test_progress_line_is_short():

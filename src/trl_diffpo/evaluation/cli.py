@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import torch
 
+from ..generation import _check_options as check_decoding_options
+from ..generation import _check_threshold as check_threshold
+from ..scripts.errors import CliError
+from ..scripts.local_files import check_model_source
 from .results import PLOT_FILE, RESULTS_FILE
 from .runner import evaluate
 from .settings import SamplerSetting, parse_sampler_settings
+
+PROG = "trl-diffpo eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``trl-diffpo eval`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="trl-diffpo eval",
+        prog=PROG,
         description=(
             "Accuracy vs decoding cost (NFE) of a masked diffusion LM on a task, for a list of samplers and thresholds "
             "and optionally its learned sampler head. Writes results.json and accuracy_vs_nfe.png (Pareto frontier)."
@@ -81,19 +88,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_options(args, settings: list[SamplerSetting]) -> None:
+    """Refuse inconsistent options before any model is loaded (:class:`CliError`, one line)."""
+    for name in ("gen_length", "block_length", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
+    if args.num_samples is not None and args.num_samples <= 0:
+        raise CliError(f"--num-samples must be a positive number of rows, got {args.num_samples}.")
+    for setting in settings:
+        try:
+            check_decoding_options(
+                args.gen_length, args.block_length, setting.sampler, setting.steps, args.temperature
+            )
+            if setting.threshold is not None:
+                check_threshold(torch.tensor([setting.threshold]), setting.sampler)
+        except ValueError as error:
+            raise CliError(
+                f"setting {setting.label!r}: {error} (see --gen-length, --block-length, --samplers)"
+            ) from None
+
+
+def _loaded(what: str, name: str, load):
+    """``load()``, with an ``OSError`` (not found, offline, no such files) turned into a one-line :class:`CliError`."""
+    try:
+        return load()
+    except OSError as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CliError(f"cannot load {what} {name!r}: {first_line}") from error
+
+
 def _load_for_cli(args):
     from transformers import AutoTokenizer
     from trl.trainer.utils import create_model_from_path
 
+    for option, name in (("--model", args.model), ("--adapter", args.adapter), ("--tokenizer", args.tokenizer)):
+        check_model_source(name, option)
+    check_model_source(args.sampler_head, "--sampler-head")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model_from_path(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = _loaded(
+        "--model",
+        args.model,
+        lambda: create_model_from_path(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code),
+    )
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = _loaded("--adapter", args.adapter, lambda: PeftModel.from_pretrained(model, args.adapter))
     model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.tokenizer or args.adapter or args.model, padding_side="left", trust_remote_code=args.trust_remote_code
+    tokenizer_name = args.tokenizer or args.adapter or args.model
+    tokenizer = _loaded(
+        "the tokenizer",
+        tokenizer_name,
+        lambda: AutoTokenizer.from_pretrained(
+            tokenizer_name, padding_side="left", trust_remote_code=args.trust_remote_code
+        ),
     )
     head = None
     head_source = args.sampler_head
@@ -103,26 +151,29 @@ def _load_for_cli(args):
                 head_source = candidate
                 break
         if head_source is None:
-            raise SystemExit("--use-head needs a sampler head: pass --sampler-head FOLDER (none found in the model).")
+            raise CliError("--use-head needs a sampler head: pass --sampler-head FOLDER (none found in the model).")
     if head_source is not None:
         from ..sampler_head import load_sampler_head
 
-        head = load_sampler_head(head_source, device=device)
+        head = _loaded("--sampler-head", head_source, lambda: load_sampler_head(head_source, device=device))
     return model, tokenizer, head, head_source
 
 
 def _load_rows(args, tokenizer):
     from ..tasks import get_task
 
-    task = get_task(args.task)
+    try:
+        task = get_task(args.task)
+    except KeyError as error:
+        raise CliError(error.args[0]) from None
     if args.raw_prompts:
         if not args.data_file:
-            raise SystemExit("--raw-prompts reads the prompts of a --data-file; pass one.")
+            raise CliError("--raw-prompts reads the prompts of a --data-file; pass one.")
         from ..data import load_raw
 
         rows = load_raw(args.data_file, "train", data_files=args.data_file)
         if "prompt" not in rows.column_names:
-            raise SystemExit(f"--raw-prompts: {args.data_file} has no 'prompt' column (found {rows.column_names}).")
+            raise CliError(f"--raw-prompts: {args.data_file} has no 'prompt' column (found {rows.column_names}).")
         return task, rows
     chat = {"auto": None, "yes": True, "no": False}[args.chat]
     kwargs: dict[str, Any] = {"tokenizer": tokenizer, "chat": chat}
@@ -134,13 +185,24 @@ def _load_rows(args, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``trl-diffpo eval``."""
+    """Entry point of ``trl-diffpo eval``: 0 on success, 2 (one ``trl-diffpo eval: error: ...`` line) on a user
+    error: an inconsistent option, a missing path, an unreadable file, data the task cannot use."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = parse_sampler_settings(args.samplers)
-    except ValueError as err:
-        parser.error(str(err))
+        return _run(args)
+    except (CliError, ValueError) as error:  # evaluate's ValueErrors are about the inputs, and name the fix
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    settings = parse_sampler_settings(args.samplers)
+    check_options(args, settings)
+    if args.data_file and not os.path.isfile(args.data_file):
+        raise CliError(f"--data-file {args.data_file!r}: no such file.")
+    if args.data_file and os.path.getsize(args.data_file) == 0:  # datasets would raise a bare StopIteration
+        raise CliError(f"--data-file {args.data_file!r} is empty: nothing to evaluate.")
     model, tokenizer, head, head_source = _load_for_cli(args)
     if args.use_head and head is not None:
         learned = SamplerSetting(head.config.sampler, learned=True)
