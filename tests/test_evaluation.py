@@ -330,3 +330,52 @@ def test_cli_empty_data_file_is_a_one_line_error(char_tokenizer, tiny_model, tmp
     empty.write_text("")
     code = main(["--model", str(model_dir), *EVAL_BASE, "--data-file", str(empty), "--raw-prompts"])
     assert code == 2 and _error_line(capsys)
+
+
+def _result(label, sampler, accuracy, mean_nfe, threshold=None, steps=None, learned=False, mean_threshold=None):
+    from trl_diffpo.evaluation import SettingResult
+
+    return SettingResult(
+        label=label, sampler=sampler, threshold=threshold, steps=steps, learned=learned, num_samples=4,
+        num_correct=int(4 * accuracy), accuracy=accuracy, mean_nfe=mean_nfe, std_nfe=1.0, tokens_per_step=2.0,
+        wall_time_s=0.5, samples_per_s=8.0, mean_threshold=mean_threshold,
+        std_threshold=None if mean_threshold is None else 0.05, pareto_optimal=learned,
+    )  # fmt: skip
+
+
+def test_table_shows_the_learned_threshold_and_explains_the_star():
+    from trl_diffpo.evaluation import EvaluationResults
+
+    results = EvaluationResults(
+        [
+            _result("entropy_bounded:0.1", "entropy_bounded", 0.5, 20.0, threshold=0.1, mean_threshold=0.1),
+            _result("low_confidence:steps=16", "low_confidence", 0.25, 16.0, steps=16),
+            _result("entropy_bounded:learned", "entropy_bounded", 0.75, 12.0, learned=True, mean_threshold=0.4321),
+        ]
+    )
+    lines = results.table().splitlines()
+    assert "threshold" in lines[0]
+    learned_row = next(line for line in lines if line.startswith("entropy_bounded:learned"))
+    assert "0.432 +- 0.05" in learned_row and learned_row[31] == "*"
+    assert "0.1" in next(line for line in lines if line.startswith("entropy_bounded:0.1"))
+    assert any(line.startswith("* Pareto-optimal") for line in lines)
+    assert any("mean +- std of the per-prompt thresholds" in line for line in lines)
+
+
+def test_all_zero_results_plot_without_a_negative_accuracy_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from trl_diffpo.evaluation import plot_accuracy_vs_nfe
+    from trl_diffpo.evaluation.plotting import accuracy_axis_limits
+
+    limits = []
+    original = matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylim", lambda self, *args, **kw: limits.append(args) or original(self, *args, **kw)
+    )
+    zeros = [_result("entropy_bounded:0.1", "entropy_bounded", 0.0, 20.0, threshold=0.1),
+             _result("low_confidence:steps=16", "low_confidence", 0.0, 16.0, steps=16)]  # fmt: skip
+    plot_accuracy_vs_nfe(zeros, tmp_path / "zeros.png")
+    assert limits[-1] == (0.0, 3.0)  # the limits the plot sets last; before: (-2.0, 3.0)
+    assert (tmp_path / "zeros.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert accuracy_axis_limits([100.0]) == (97.0, 100.0) and accuracy_axis_limits([50.0, 60.0]) == (47.0, 63.0)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from .results import SettingResult, pareto_front
 
 PLOT_MARGIN = 3.0  # accuracy points of head room above and below the plotted results
+# a point drawn at 0% or 100% sits on the edge of the axis; the markers are drawn unclipped so they stay whole
+ACCURACY_AXIS = (0.0, 100.0)
 
 
 def plot_accuracy_vs_nfe(
@@ -42,6 +44,7 @@ def plot_accuracy_vs_nfe(
                 markersize=11 if any(r.learned for r in members) else 6,
                 linestyle="-" if len(members) > 1 else "none",
                 alpha=0.85,
+                clip_on=False,
                 label=name,
             )
             for result in members:
@@ -72,10 +75,11 @@ def plot_accuracy_vs_nfe(
                 edgecolors="black",
                 linewidths=1.2,
                 zorder=3,
+                clip_on=False,
             )
         percents = [100 * r.accuracy for r in results]
-        if percents:  # at least a few points of range, so a flat set of results does not zoom into noise
-            axes.set_ylim(max(-2.0, min(percents) - PLOT_MARGIN), min(102.0, max(percents) + PLOT_MARGIN))
+        if percents:
+            axes.set_ylim(*accuracy_axis_limits(percents))
         axes.set_xlabel("mean NFE (forward passes per sample)")
         axes.set_ylabel("accuracy (%)")
         axes.set_title(title or "accuracy vs decoding cost")
@@ -85,3 +89,10 @@ def plot_accuracy_vs_nfe(
         figure.savefig(path, format="png")
     finally:
         plt.close(figure)
+
+
+def accuracy_axis_limits(percents: Sequence[float]) -> tuple[float, float]:
+    """The accuracy axis: the results plus :data:`PLOT_MARGIN` points each side (so a flat set of results does not
+    zoom into noise), never beyond 0-100%: all-0% results give (0, 3), not a negative accuracy."""
+    low, high = ACCURACY_AXIS
+    return max(low, min(percents) - PLOT_MARGIN), min(high, max(percents) + PLOT_MARGIN)

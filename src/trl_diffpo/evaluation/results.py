@@ -62,16 +62,33 @@ class EvaluationResults:
         raise KeyError(f"No setting {label!r}; have {[result.label for result in self.settings]}.")
 
     def table(self) -> str:
-        """A fixed-width text table, one row per setting (``*`` marks the Pareto-optimal ones)."""
-        header = f"{'setting':<32} {'accuracy':>9} {'mean NFE':>9} {'std NFE':>8} {'tok/step':>9} {'time s':>8}"
+        """A fixed-width text table, one row per setting, with a legend under it.
+
+        ``threshold`` is the fixed threshold of an adaptive setting, or for a ``learned`` setting the mean +- std of
+        the per-prompt thresholds the sampler head chose; ``*`` marks the Pareto-optimal settings.
+        """
+        header = (
+            f"{'setting':<32} {'accuracy':>9} {'mean NFE':>9} {'std NFE':>8} {'threshold':>14} {'tok/step':>9} "
+            f"{'time s':>8}"
+        )
         lines = [header, "-" * len(header)]
         for result in self.settings:
             mark = "*" if result.pareto_optimal else " "
             lines.append(
                 f"{result.label:<31}{mark} {100 * result.accuracy:>8.1f}% {result.mean_nfe:>9.2f} "
-                f"{result.std_nfe:>8.2f} {result.tokens_per_step:>9.2f} {result.wall_time_s:>8.1f}"
+                f"{result.std_nfe:>8.2f} {_threshold_cell(result):>14} {result.tokens_per_step:>9.2f} "
+                f"{result.wall_time_s:>8.1f}"
             )
+        lines.append("* Pareto-optimal: no other setting is at least as accurate with fewer mean NFE.")
+        if any(result.learned for result in self.settings):
+            lines.append("threshold of a learned setting: mean +- std of the per-prompt thresholds the head chose.")
         return "\n".join(lines)
+
+
+def _threshold_cell(result: SettingResult) -> str:
+    if result.learned and result.mean_threshold is not None:
+        return f"{result.mean_threshold:.3g} +- {result.std_threshold or 0.0:.2g}"
+    return "-" if result.threshold is None else f"{result.threshold:g}"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
