@@ -259,7 +259,8 @@ class MathVerifier:
                         self.stats["timeouts"],
                         items[worker.job[0]][1][0][:80],
                     )
-                self._replace(worker, None, None, restart=not over_budget)
+                # a replacement only when items wait for it (starting one costs about a second of CPU)
+                self._replace(worker, None, None, restart=not over_budget and bool(pending))
         if now >= budget_end and pending:
             self.stats["over_budget"] += len(pending)
             pending.clear()
