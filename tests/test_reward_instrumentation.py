@@ -71,6 +71,9 @@ def test_prepare_reward_funcs_applies_the_config_limits_to_the_default_verifier(
         args = SimpleNamespace(reward_timeout_s=2.5, reward_num_workers=3, reward_batch_budget_s=None)
         prepare_reward_funcs([strict_format_reward], args)
         assert (verifier.timeout_s, verifier.num_workers, verifier.batch_budget_s) == (2.5, 3, None)
+        verifier.configure(batch_budget_s=12.0)
+        prepare_reward_funcs([strict_format_reward], SimpleNamespace(reward_timeout_s=1.5))  # a config without them
+        assert (verifier.timeout_s, verifier.num_workers, verifier.batch_budget_s) == (1.5, 3, 12.0)
     finally:
         verifier.configure(timeout_s=saved[0], num_workers=saved[1], batch_budget_s=saved[2])
 

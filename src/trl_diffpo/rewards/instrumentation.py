@@ -15,6 +15,7 @@ Reward models (a model id or ``nn.Module``) and async functions are left as they
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ def prepare_reward_funcs(reward_funcs: Any, args: Any = None) -> list:
         configure_default_verifier(
             timeout_s=getattr(args, "reward_timeout_s", None),
             num_workers=getattr(args, "reward_num_workers", None),
-            batch_budget_s=getattr(args, "reward_batch_budget_s", None),
+            batch_budget_s=getattr(args, "reward_batch_budget_s", math.nan),  # NaN keeps it; None means no limit
         )
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     return [timed_reward(func) for func in funcs]
