@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import ProgressCallback
 
+from trl_diffpo.progress import CompactProgressCallback, format_progress_line
 from trl_diffpo.scripts import train as train_script
 from trl_diffpo.scripts.train import CliError, main, make_parser, parse_args, parse_tiny_spec
 
@@ -141,6 +143,26 @@ def test_help_documents_every_option(capsys):
         assert phrase in text
 
 
+def test_help_leads_with_diffpo_option_groups(capsys):
+    # before: 1,235 lines with the DiFFPO options from about line 993, after TrainingArguments
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    titles = [line[:-1] for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+    diffpo = list(train_script.DIFFPO_OPTION_GROUPS)
+    assert titles[: len(diffpo) + 1] == ["options", *diffpo]
+    assert titles[len(diffpo) + 1].startswith("TRL training arguments")
+    position = {line.split()[0].rstrip(","): index for index, line in enumerate(lines) if line.startswith("  --")}
+    assert max(position[f"--{name}"] for names in diffpo_groups() for name in names) < position["--learning_rate"]
+    assert position["--block_length"] < 40 and position["--block_length"] < position["--model_name_or_path"]
+    for name in ("--stop_at_eos", "--no_stop_at_eos", "--sampler_head_sigma", "--reward_batch_budget_s", "--task"):
+        assert position[name] < position["--learning_rate"]
+
+
+def diffpo_groups():
+    return train_script.DIFFPO_OPTION_GROUPS.values()
+
+
 def test_no_arguments_points_to_config_and_help(capsys):
     assert main([]) == 2
     error = capsys.readouterr().err
@@ -261,8 +283,8 @@ def test_math500_needs_training_data(tmp_path):
 
 def test_task_data_from_local_files():
     script_args, args, _, dataset_args = parse_args(
-        ["--config", str(TINY), "--task", "gsm8k", "--dataset_train_files", str(FIXTURES / "gsm8k_train.jsonl"),
-         "--max_train_samples", "2"]
+        ["--config", str(TINY), "--task", "gsm8k", "--task_kwargs", "{}",
+         "--dataset_train_files", str(FIXTURES / "gsm8k_train.jsonl"), "--max_train_samples", "2"]
     )  # fmt: skip
     train, evaluation, task = train_script.load_datasets(script_args, args, dataset_args)
     assert task.name == "gsm8k" and evaluation is None
@@ -286,9 +308,40 @@ def test_accelerate_config_relaunches_through_accelerate(monkeypatch):
 
 def test_tiny_cpu_config_trains_end_to_end(tmp_path):
     output_dir = tmp_path / "tiny"
-    assert main(["--config", str(TINY), "--output_dir", str(output_dir), "--max_steps", "1"]) == 0
+    trainer = train_script.train(*parse_args(["--config", str(TINY), "--output_dir", str(output_dir)]))
     saved = {path.name for path in output_dir.iterdir()}
     assert {"model.safetensors", "config.json", "sampler_head.safetensors", "sampler_head_config.json"} <= saved
+    logs = [log for log in trainer.state.log_history if "reward" in log]
+    assert len(logs) == trainer.args.max_steps
+    # before: the Sudoku smoke run scored 0 on every completion, so no advantage and no real gradient step
+    assert all(log["frac_reward_zero_std"] < 1.0 and log["grad_norm"] > 0 for log in logs)
+    # per-function reward time and fallback counts are training metrics (rewards/instrumentation.py)
+    assert all(
+        log["rewards/countdown_reward/time_s"] >= 0 and log["rewards/countdown_reward/fallbacks"] == 0 for log in logs
+    )
+    # one short progress line per log instead of the whole metrics dict
+    progress = [callback for callback in trainer.callback_handler.callbacks if isinstance(callback, ProgressCallback)]
+    assert [type(callback) for callback in progress] == [CompactProgressCallback]
+
+
+def test_missing_local_model_path_and_truncated_checkpoint_are_named(tmp_path, capsys):
+    assert main(["--config", str(TINY), "--model_name_or_path", "./no/such/model"]) == 2
+    assert "--model_name_or_path './no/such/model': no such file or folder" in capsys.readouterr().err
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+    argv = ["--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(checkpoint)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"{checkpoint / 'model.safetensors'} cannot be read" in error and "truncated or corrupt" in error
+
+
+def test_progress_line_is_short():
+    logs = {f"metric_{index}": float(index) for index in range(50)}
+    logs.update({"loss": 0.25, "reward": 0.5, "diffusion/nfe/mean": 12.0, "learning_rate": 1e-3})
+    line = format_progress_line(3, logs)
+    assert line == "step 3 | loss 0.25 | reward 0.5 | NFE 12 | lr 0.001"
+    assert format_progress_line(4, {"eval_reward": 1.0, "eval_loss": 0.5}) == "eval step 4 | loss 0.5 | reward 1"
 
 
 def _save_tiny_native_model(folder: Path, family: str) -> None:

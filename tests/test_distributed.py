@@ -249,7 +249,7 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
         "learning_rate": 1e-2,
         "bf16": False,
         "use_cpu": True,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         # ddp_find_unused_parameters left at None: without gradient checkpointing the Trainer would pick True, which
         # breaks the head (its loss is outside the model's forward); the callback must switch it off
         "logging_steps": 1,

@@ -270,3 +270,112 @@ def test_errors_are_clear(char_tokenizer, tiny_model, tmp_path):
             show_progress=False,
         )
     assert torch.get_num_threads() >= 1
+
+
+def _saved_model(tiny_model, char_tokenizer, folder):
+    tiny_model.save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _error_line(capsys) -> str:
+    """The command's one error line (stderr may also hold progress bars of the test's own set-up)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("trl-diffpo eval: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+EVAL_BASE = ["--task", "sudoku", "--no-progress", "--gen-length", str(GEN_LENGTH), "--block-length", "4"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--block-length", "3"], "block_length=3 must be a positive divisor of gen_length=8"),
+        (["--samplers", "confidence_threshold:1.5"], "threshold=1.5 is out of range"),
+        (["--samplers", "low_confidence:steps=3"], "steps=3 must be a positive multiple of the number of blocks"),
+        (["--samplers", "low_confidence:0.5"], "Cannot read value"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    ],
+)
+def test_cli_configuration_mistakes_are_one_line_errors(tmp_path, capsys, extra, message):
+    # before: an 8-frame traceback from inside diffusion_generate, after the model had loaded
+    assert main(["--model", str(tmp_path / "never_loaded"), *EVAL_BASE, *extra]) == 2
+    assert message in _error_line(capsys)
+
+
+def test_cli_missing_local_model_path_is_named_as_such(tmp_path, capsys):
+    # before: huggingface_hub's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    for missing in (str(tmp_path / "outputs" / "model"), "./outputs/demo/model"):
+        assert main(["--model", missing, *EVAL_BASE]) == 2
+        error = _error_line(capsys)
+        assert f"--model {missing!r}: no such file or folder (it is a local path, not a Hub id)" in error
+        assert "Repo id" not in error
+
+
+def test_cli_truncated_safetensors_names_the_file(char_tokenizer, tiny_model, tmp_path, capsys):
+    # before: "SafetensorError: Error while deserializing header: incomplete metadata" without the file
+    model_dir = _saved_model(tiny_model, char_tokenizer, tmp_path / "model")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert main(["--model", str(model_dir), *EVAL_BASE]) == 2
+    error = _error_line(capsys)
+    assert str(weights) in error and "truncated or corrupt" in error
+
+
+def test_cli_empty_data_file_is_a_one_line_error(char_tokenizer, tiny_model, tmp_path, capsys):
+    model_dir = _saved_model(tiny_model, char_tokenizer, tmp_path / "model")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["--model", str(model_dir), *EVAL_BASE, "--data-file", str(empty), "--raw-prompts"])
+    assert code == 2 and _error_line(capsys)
+
+
+def _result(label, sampler, accuracy, mean_nfe, threshold=None, steps=None, learned=False, mean_threshold=None):
+    from trl_diffpo.evaluation import SettingResult
+
+    return SettingResult(
+        label=label, sampler=sampler, threshold=threshold, steps=steps, learned=learned, num_samples=4,
+        num_correct=int(4 * accuracy), accuracy=accuracy, mean_nfe=mean_nfe, std_nfe=1.0, tokens_per_step=2.0,
+        wall_time_s=0.5, samples_per_s=8.0, mean_threshold=mean_threshold,
+        std_threshold=None if mean_threshold is None else 0.05, pareto_optimal=learned,
+    )  # fmt: skip
+
+
+def test_table_shows_the_learned_threshold_and_explains_the_star():
+    from trl_diffpo.evaluation import EvaluationResults
+
+    results = EvaluationResults(
+        [
+            _result("entropy_bounded:0.1", "entropy_bounded", 0.5, 20.0, threshold=0.1, mean_threshold=0.1),
+            _result("low_confidence:steps=16", "low_confidence", 0.25, 16.0, steps=16),
+            _result("entropy_bounded:learned", "entropy_bounded", 0.75, 12.0, learned=True, mean_threshold=0.4321),
+        ]
+    )
+    lines = results.table().splitlines()
+    assert "threshold" in lines[0]
+    learned_row = next(line for line in lines if line.startswith("entropy_bounded:learned"))
+    assert "0.432 +- 0.05" in learned_row and learned_row[31] == "*"
+    assert "0.1" in next(line for line in lines if line.startswith("entropy_bounded:0.1"))
+    assert any(line.startswith("* Pareto-optimal") for line in lines)
+    assert any("mean +- std of the per-prompt thresholds" in line for line in lines)
+
+
+def test_all_zero_results_plot_without_a_negative_accuracy_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from trl_diffpo.evaluation import plot_accuracy_vs_nfe
+    from trl_diffpo.evaluation.plotting import accuracy_axis_limits
+
+    limits = []
+    original = matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylim", lambda self, *args, **kw: limits.append(args) or original(self, *args, **kw)
+    )
+    zeros = [_result("entropy_bounded:0.1", "entropy_bounded", 0.0, 20.0, threshold=0.1),
+             _result("low_confidence:steps=16", "low_confidence", 0.0, 16.0, steps=16)]  # fmt: skip
+    plot_accuracy_vs_nfe(zeros, tmp_path / "zeros.png")
+    assert [args for args in limits if len(args) == 2] == [(0.0, 3.0)]  # set_ylim(low, high); before: (-2.0, 3.0)
+    assert (tmp_path / "zeros.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert accuracy_axis_limits([100.0]) == (97.0, 100.0) and accuracy_axis_limits([50.0, 60.0]) == (47.0, 63.0)

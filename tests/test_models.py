@@ -861,7 +861,7 @@ def test_diffpo_trainer_trains_native_models(char_tokenizer, tmp_path, model_cla
         learning_rate=1e-2,
         beta=0.04,
         seed=0,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
     )
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(model)) if use_lora else None
     trainer = DiffpoTrainer(

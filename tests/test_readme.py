@@ -38,3 +38,16 @@ def test_python_quickstart_trains(tmp_path, monkeypatch):
     assert trainer.state.global_step == 1
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert {"diffusion/nfe/mean", "diffpo/is_weight/mean", "sampler_head/loss"} <= logged
+
+
+def test_the_demo_duration_is_stated_the_same_everywhere(capsys):
+    # before: 15 min (`trl-diffpo --help`, demo.py), 4 min (README) and 10.8 min (docs/demo.md)
+    from trl_diffpo.cli import DEMO_DURATION, main
+    from trl_diffpo.demo import build_parser
+
+    assert main(["--help"]) == 0
+    assert DEMO_DURATION.split(",")[0] in capsys.readouterr().out
+    assert DEMO_DURATION in " ".join(build_parser().description.split())
+    for document in (README, (ROOT / "docs" / "demo.md").read_text()):
+        assert DEMO_DURATION in " ".join(document.split())
+        assert "15 min" not in document

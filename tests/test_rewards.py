@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from trl_diffpo.rewards import (
     REWARD_FALLBACKS,
     MathVerifier,
+    answer_expression_forms,
     completion_to_text,
     countdown_accuracy_reward,
     countdown_reward,
@@ -126,8 +127,17 @@ class TestXmlAndBoxed:
     def test_boxed_last_wins_and_fbox(self):
         assert extract_boxed(r"\boxed{1} then \fbox{2}") == "2"
 
-    def test_unbalanced_last_boxed_falls_back_to_previous(self):
-        assert extract_boxed(r"\boxed{3} and \boxed{4") == "3"
+    def test_unclosed_last_box_runs_to_the_end_of_its_line(self):
+        # decision: the last box is the final answer even when its brace is lost (was "3": an earlier box)
+        assert extract_boxed(r"\boxed{3} and \boxed{4") == "4"
+        assert extract_boxed("\\boxed{20\n</answer>") == "20"
+        assert extract_boxed("\\boxed{\\frac{1}{2}\nmore text") == r"\frac{1}{2}"
+
+    def test_box_without_backslash_and_empty_boxes(self):
+        assert extract_boxed("so boxed{4}.") == "4"
+        assert extract_boxed("fbox{7}") == "7"
+        assert extract_boxed(r"\boxed{5} then \boxed{ }") == "5"  # an empty box is skipped
+        assert extract_boxed(r"\boxed{}") is None
 
     def test_boxed_is_not_a_backspace_escape(self):
         text = "\\boxed{5}"  # a real backslash followed by b
@@ -142,6 +152,37 @@ class TestXmlAndBoxed:
 
     def test_math_answer_boxed_anywhere_without_tags(self):
         assert extract_math_answer(r"We get \boxed{x+1}.") == "x+1"
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("<reasoning>x</reasoning>\n<answer>\n\\boxed{20\n</answer>", "20"),  # brace never closed
+            ("<answer>boxed{4}</answer>", "4"),  # no backslash
+            ("<answer>\\boxed{}101</answer>", "101"),  # empty box, plain answer
+            ("<answer>\\fbox{} 12 \\boxed{ }</answer>", "12"),
+            ("6 * 5 = 30 ...</answer>\n\n<answer></answer>\n\n\\boxed{5}", "5"),  # after an empty block
+            ("<answer>\n</answer> so boxed{9}", "9"),
+        ],
+    )
+    def test_math_answer_defect_classes(self, text, expected):
+        assert extract_math_answer(text) == expected
+
+    @pytest.mark.parametrize(
+        ("answer", "forms"),
+        [
+            ("130 dollars", ["130 dollars", "130"]),
+            (r"5 \text{ square feet}", [r"5 \text{ square feet}", "5"]),
+            ("The answer is 14", ["The answer is 14", "14"]),
+            ("Answer: 3/4.", ["Answer: 3/4.", "3/4"]),
+            (r"\$18", [r"\$18", "18"]),
+            ("13 or 14", ["13 or 14"]),  # nothing is picked out of a longer answer
+            ("x = 7, y = 14", ["x = 7, y = 14"]),
+            ("-4u + 14", ["-4u + 14"]),
+            ("u + 14 apples", ["u + 14 apples"]),  # unit words are stripped only after a plain value
+        ],
+    )
+    def test_answer_expression_forms(self, answer, forms):
+        assert answer_expression_forms(answer) == forms
 
     def test_math_answer_none(self):
         assert extract_math_answer("no answer here") is None
@@ -190,6 +231,46 @@ class TestMathRewards:
     def test_math500_equivalences(self, math_reward, prediction, gold):
         assert math_reward(None, [prediction], answer=[gold]) == [1.0]
 
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            r"\boxed{-4u + 14}",
+            "13 or 14",
+            "x = 7, y = 14",
+            "u + 14",
+            r"\{1, 2, 14\}",
+            "14 or 15",
+            r"14 \text{ or } 15",
+            "between 13 and 14",
+            "14, 28",
+            r"\boxed{14 + u}",
+            "so 14",
+        ],
+    )
+    def test_a_number_inside_a_longer_answer_is_not_the_answer(self, math_reward, answer):
+        # before: the judge retried the raw text and math_verify took its last number, scoring these 1.0
+        assert math_reward(None, [f"<answer>{answer}</answer>"], answer=["14"]) == [0.0]
+        assert math_reward(None, [f"Thus {answer}"], answer=["14"]) == [0.0]
+
+    @pytest.mark.parametrize(
+        "answer",
+        ["130 dollars", r"130 \text{ dollars}", r"\$130", "The answer is 130", "130.", r"\boxed{130}", "x = 130"],
+    )
+    def test_final_answer_with_units_or_a_phrase_still_matches(self, math_reward, answer):
+        assert math_reward(None, [f"<answer>{answer}</answer>"], answer=["130"]) == [1.0]
+
+    @pytest.mark.parametrize(
+        "completion",
+        [
+            "<answer>\n\\boxed{20\n</answer>",
+            "<answer>boxed{20}</answer>",
+            "<answer>\\boxed{}20</answer>",
+            "We get 4 * 5 = 20.</answer>\n\n<answer></answer>\n\n\\boxed{20}",
+        ],
+    )
+    def test_gsm8k_defect_classes_score_one(self, math_reward, completion):
+        assert math_reward(None, [completion], answer=["#### 20"]) == [1.0]
+
     def test_wrong_and_missing_answers_score_zero(self, math_reward):
         completions = [r"<answer>\frac{13}{3}</answer>", "I think it is 14/3.", ""]
         assert math_reward(None, completions, answer=[r"\frac{14}{3}"] * 3) == [0.0, 0.0, 0.0]
@@ -225,7 +306,7 @@ class TestMathVerifier:
         finally:
             verifier.close()
         assert scores == [0.0, 1.0]
-        assert logged == [("rewards/logged/verifier_timeouts", 1.0)]
+        assert logged == [("rewards/logged/verifier_timeouts", 1.0), ("rewards/logged/verifier_over_budget", 0.0)]
 
     def test_over_long_answer_is_rejected_without_parsing(self, verifier):
         before = verifier.stats["too_long"]
@@ -237,8 +318,8 @@ class TestMathVerifier:
 
     def test_worker_killed_from_outside_is_replaced(self, verifier):
         assert verifier.is_equivalent("2", "2")
-        verifier._proc.kill()
-        verifier._proc.wait()
+        verifier._workers[0].proc.kill()
+        verifier._workers[0].proc.wait()
         assert verifier.is_equivalent("3", "3")  # the dead worker is noticed and restarted
 
     def test_usable_from_a_thread(self, verifier):
@@ -263,7 +344,7 @@ class TestMathVerifier:
             "spec.loader.exec_module(module)\n"
             "verifier = module.MathVerifier(timeout_s=600)\n"
             "verifier.is_equivalent('1', '1')\n"
-            "print(verifier._proc.pid, flush=True)\n"
+            "print(verifier._workers[0].proc.pid, flush=True)\n"
             "verifier.is_equivalent('1', '9^{9^{9^{9}}}')\n"  # busy for ever while the parent is killed
         )
         parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -279,6 +360,35 @@ class TestMathVerifier:
     def test_invalid_timeout(self):
         with pytest.raises(ValueError, match="timeout_s"):
             MathVerifier(timeout_s=0)
+        with pytest.raises(ValueError, match="num_workers"):
+            MathVerifier(num_workers=0)
+        with pytest.raises(ValueError, match="batch_budget_s"):
+            MathVerifier(batch_budget_s=0)
+
+    def test_batch_is_judged_in_parallel_within_its_budget(self):
+        # 4 hanging answers and 4 good ones on 2 workers: a hanging answer costs a 1 s timeout plus a worker restart,
+        # so the 2 s budget ends the batch before all 4 have had their second. Before, one worker judged the items
+        # one after another with no batch limit (8 hostile answers held one reward call for 46 s).
+        verifier = MathVerifier(timeout_s=1.0, num_workers=2, batch_budget_s=2.0)
+        hanging = [r"9^{9^{9^{9}}}", r"8^{9^{9^{9}}}", r"7^{9^{9^{9}}}", r"6^{9^{9^{9}}}"]
+        try:
+            verdicts = verifier.judge_many([("42", answer) for answer in hanging] + [("42", "42")] * 4)
+            assert verifier.stats["worker_starts"] >= 2
+            assert verdicts[4:] == [True] * 4  # the shortest answers go first, and repeats are judged once
+            assert verdicts[:4] == [False] * 4
+            assert verifier.stats["cached"] == 3
+            assert verifier.stats["timeouts"] + verifier.stats["over_budget"] == 4
+            assert verifier.stats["over_budget"] >= 1
+            assert verifier.judge_many([("1", "1"), ("2", "3")]) == [True, False]  # the pool recovers
+        finally:
+            verifier.close()
+
+    def test_configure_changes_limits(self):
+        verifier = MathVerifier(timeout_s=1.0, num_workers=1, batch_budget_s=None)
+        verifier.configure(timeout_s=2.0, num_workers=3)
+        assert (verifier.timeout_s, verifier.num_workers, verifier.batch_budget_s) == (2.0, 3, None)
+        verifier.configure(batch_budget_s=7)
+        assert verifier.batch_budget_s == 7.0
 
 
 def _process_alive(pid: int) -> bool:
@@ -404,6 +514,22 @@ class TestCountdownReward:
     def test_expression_extraction_rules(self, text, expected):
         assert extract_countdown_expression(text) == expected
 
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("We need 55.\n\\[ \\boxed{34+53-32} \\]", "34+53-32"),  # one line, no <answer> block
+            ("So:\n\\[\n\\boxed{34 + 53 - 32}\n\\]\n", "34 + 53 - 32"),  # the box is not on the last line
+            ("$$\\boxed{(7 - 3) \\times 5} = 20$$\nDone.", "(7 - 3) * 5"),
+            ("<answer></answer>\nFinal: \\boxed{1+2}\nok", "1+2"),  # an empty block counts as none
+        ],
+    )
+    def test_boxed_expression_without_answer_block(self, text, expected):
+        assert extract_countdown_expression(text) == expected
+
+    def test_boxed_countdown_answer_scores(self):
+        text = "34 + 53 = 87, 87 - 32 = 55.\n\\[\n\\boxed{34+53-32}\n\\]"
+        assert countdown_accuracy_reward(None, [text], target=[55], nums=[[34, 53, 32]]) == [1.0]
+
     def test_real_looking_completion(self):
         completion = """<reasoning>
 We need 98 from 44, 19 and 35.
@@ -478,6 +604,27 @@ class TestSudoku:
 
     def test_too_few_digits(self):
         assert extract_sudoku_grid("<answer>1423\n3241</answer>") is None
+        assert extract_sudoku_grid(f"<answer>{SUDOKU_SOLUTION[:15]}</answer>") is None
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            "132132132132132132",  # 18 digits: before, its last 16 were scored (0.375 on the issue's puzzle)
+            SUDOKU_SOLUTION + "4",  # 17 digits on one line
+            grid_text(SUDOKU_SOLUTION).replace("3241", "32411"),  # 4 lines, one of them with 5 digits
+        ],
+    )
+    def test_more_than_16_digits_is_no_grid_unless_the_last_4_lines_hold_it(self, answer):
+        assert extract_sudoku_grid(f"<answer>\n{answer}\n</answer>") is None
+        assert sudoku_reward(None, [f"<answer>{answer}</answer>"], puzzle=[SUDOKU_PUZZLE]) == [0.0]
+
+    def test_grid_after_text_inside_the_answer_block(self):
+        text = f"<answer>\nFilling 3 blanks of row 2 gives:\n{grid_text(SUDOKU_SOLUTION)}\n</answer>"
+        assert extract_sudoku_grid(text) == parse_grid(SUDOKU_SOLUTION)
+
+    def test_issue_example_scored_zero(self):
+        # the issue's 18-digit answer scored 0.375 from its last 16 digits
+        assert sudoku_reward(None, ["<answer>132132132132132132</answer>"], puzzle=[SUDOKU_PUZZLE]) == [0.0]
 
     def test_cell_fraction_reward(self):
         blanks = [i for i, cell in enumerate(SUDOKU_PUZZLE) if cell == "0"]

@@ -5,9 +5,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+# how long `trl-diffpo demo` takes, measured (docs/benchmarks.md: 3.2 min idle, 4 min 05 s with scripts/demo.sh's
+# install, 10.8 min with five other jobs on the cores); every place that states it uses these words
+DEMO_DURATION = "about 3 min on an idle 2-core CPU, 4 min with scripts/demo.sh's install, up to 11 min on a busy one"
+
 # subcommand -> (module, function, one-line help); each function takes the remaining argv list and returns an exit code
 SUBCOMMANDS = {
-    "demo": ("trl_diffpo.demo", "main", "offline end-to-end DiFFPO demo on a tiny model (CPU, about 15 minutes)"),
+    "demo": (
+        "trl_diffpo.demo",
+        "main",
+        f"offline end-to-end DiFFPO demo on a tiny model (CPU, {DEMO_DURATION.split(',')[0]})",
+    ),
     "train": ("trl_diffpo.scripts.train", "main", "train a dLLM with DiffpoTrainer from a YAML config / flags"),
     "eval": ("trl_diffpo.evaluation", "main", "accuracy vs NFE evaluation of a model, samplers and thresholds"),
     "check-checkpoint": ("trl_diffpo.models", "main", "check a LLaDA / Dream checkpoint folder against our classes"),

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from .likelihood import IS_CORRECTIONS, K_STAGE, LIKELIHOODS, TOKEN_IS, TWO_STAGE, stages_for
 from .samplers import ADAPTIVE_SAMPLERS, CONFIDENCE_THRESHOLD, FIXED_SCHEDULE_SAMPLERS, LOW_CONFIDENCE, SAMPLERS
+
+# transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns on every run)
+_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+DEFAULT_REWARD_TIMEOUT_S = 5.0
+DEFAULT_REWARD_BATCH_BUDGET_S = 30.0
+DEFAULT_REWARD_NUM_WORKERS = 4
 
 # Sampling options of autoregressive `generate` that diffusion decoding does not implement, with their no-op value.
 _UNSUPPORTED_SAMPLING_OPTIONS = {"top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0}
@@ -79,6 +87,16 @@ class DiffpoConfig(GRPOConfig):
             function returned `None`/NaN for every completion (they train at zero gradient: usually a broken reward
             or a missing dataset column). Each such batch is warned about and counted (`rewards/unscorable_batches`).
             0 only warns.
+        reward_timeout_s (`float`, *optional*, defaults to `5.0`):
+            Seconds math_verify may spend on one answer of the math rewards before it is judged wrong (> 0).
+        reward_batch_budget_s (`float` or `None`, *optional*, defaults to `30.0`):
+            Seconds one math-reward call may spend on its batch; answers still unjudged then are judged wrong
+            (`None`: no batch limit). Bounds the reward time whatever the model writes.
+        reward_num_workers (`int`, *optional*, defaults to `4`):
+            Worker processes that verify the math answers of a batch in parallel (>= 1).
+        activation_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
+            Activation (gradient) checkpointing; `None` means on (TRL's default) unless the deprecated alias
+            `gradient_checkpointing` is given, which still works but warns (transformers >= 5.23 renamed it).
     """
 
     # Overridden GRPO defaults: DiFFPO / d1's recipe
@@ -191,9 +209,46 @@ class DiffpoConfig(GRPOConfig):
             "warn)."
         },
     )
+    # Rewards: bounds of the math verifier (see trl_diffpo.rewards.instrumentation)
+    reward_timeout_s: float = field(
+        default=DEFAULT_REWARD_TIMEOUT_S,
+        metadata={"help": "Seconds math_verify may spend on one answer before it is judged wrong."},
+    )
+    reward_batch_budget_s: float | None = field(
+        default=DEFAULT_REWARD_BATCH_BUDGET_S,
+        metadata={
+            "help": "Seconds one math-reward call may spend on its batch (unjudged answers: wrong); None: no limit."
+        },
+    )
+    reward_num_workers: int = field(
+        default=DEFAULT_REWARD_NUM_WORKERS,
+        metadata={"help": "Worker processes that verify the math answers of a batch in parallel."},
+    )
+    if _HAS_ACTIVATION_CHECKPOINTING:
+        # TRL's default (on) under transformers' new name, so that a default config no longer warns
+        activation_checkpointing: bool | None = field(
+            default=None,
+            metadata={
+                "help": "Trade compute for memory: recompute activations in the backward pass. None: on (TRL's "
+                "default) unless the deprecated `gradient_checkpointing` is given.",
+                "nargs": "?",
+                "const": True,
+            },
+        )
+        gradient_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True},
+        )
 
     def __post_init__(self):
+        if (
+            _HAS_ACTIVATION_CHECKPOINTING
+            and self.activation_checkpointing is None
+            and self.gradient_checkpointing is None
+        ):
+            self.activation_checkpointing = True  # TRL's default, without transformers' deprecation warning
         super().__post_init__()
+        self._check_rewards()
         self._refuse_other_generation_backends()
         self._check_decoding()
         self._check_surrogate()
@@ -310,3 +365,11 @@ class DiffpoConfig(GRPOConfig):
             )
         if self.max_unscorable_steps < 0:
             raise ValueError(f"max_unscorable_steps must be >= 0 (0: only warn), got {self.max_unscorable_steps}.")
+    def _check_rewards(self) -> None:
+        if not (math.isfinite(self.reward_timeout_s) and self.reward_timeout_s > 0):
+            raise ValueError(f"reward_timeout_s must be a finite number of seconds > 0, got {self.reward_timeout_s}.")
+        budget = self.reward_batch_budget_s
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"reward_batch_budget_s must be > 0 seconds or None (no limit), got {budget}.")
+        if self.reward_num_workers < 1:
+            raise ValueError(f"reward_num_workers must be >= 1, got {self.reward_num_workers}.")

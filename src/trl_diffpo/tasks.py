@@ -120,6 +120,8 @@ def _load_countdown(split: str, *, generated: bool = False, num_examples: int | 
 
     kwargs.setdefault("num_numbers", COUNTDOWN_NUM_NUMBERS)
     if generated:
+        if kwargs.pop("data_files", None) is not None:
+            raise ValueError("countdown: give either generated=True or data_files (local files), not both.")
         if num_examples is None:
             raise ValueError("countdown with generated=True needs num_examples (how many instances to generate).")
         kwargs.setdefault("seed", 0 if split == "train" else 1)

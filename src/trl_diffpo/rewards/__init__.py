@@ -14,7 +14,9 @@ that row), accepts plain-text or conversational completions, ignores extra keywo
   ``soft_format_reward``: 1.0 if the four tags appear in order; ``xml_count_reward``: 0.25 per tag used once, minus a
   trailing-text penalty.
 
-The extraction rules are in :mod:`trl_diffpo.rewards.extraction` and docs/tasks.md.
+The extraction rules are in :mod:`trl_diffpo.rewards.extraction` and docs/tasks.md. :func:`prepare_reward_funcs` applies
+``DiffpoConfig``'s ``reward_*`` limits and adds per-function time and fallback metrics (see
+:mod:`trl_diffpo.rewards.instrumentation`).
 """
 
 from ._base import REWARD_FALLBACKS
@@ -27,6 +29,8 @@ from .countdown import (
     parse_arithmetic,
 )
 from .extraction import (
+    answer_expression_forms,
+    answer_region,
     completion_to_text,
     extract_boxed,
     extract_math_answer,
@@ -34,8 +38,9 @@ from .extraction import (
     normalize_gold_answer,
 )
 from .format import is_soft_format, is_strict_format, soft_format_reward, strict_format_reward, xml_count_reward
+from .instrumentation import prepare_reward_funcs, timed_reward
 from .math_answers import gsm8k_accuracy_reward, make_math_accuracy_reward, math_accuracy_reward
-from .math_verifier import MathVerifier, get_default_verifier
+from .math_verifier import MathVerifier, configure_default_verifier, get_default_verifier
 from .sudoku import (
     extract_sudoku_grid,
     judge_sudoku_cells,
@@ -48,7 +53,10 @@ from .sudoku import (
 __all__ = [
     "REWARD_FALLBACKS",
     "MathVerifier",
+    "answer_expression_forms",
+    "answer_region",
     "completion_to_text",
+    "configure_default_verifier",
     "countdown_accuracy_reward",
     "countdown_reward",
     "extract_boxed",
@@ -69,9 +77,11 @@ __all__ = [
     "normalize_gold_answer",
     "parse_arithmetic",
     "parse_grid",
+    "prepare_reward_funcs",
     "soft_format_reward",
     "strict_format_reward",
     "sudoku_reward",
     "sudoku_strict_reward",
+    "timed_reward",
     "xml_count_reward",
 ]

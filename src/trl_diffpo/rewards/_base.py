@@ -30,20 +30,37 @@ def score_completions(
     Any exception in ``score_text`` is logged, counted in
     :data:`REWARD_FALLBACKS` and scored 0.0, so a reward never raises on model output.
     """
-    rewards: list[float | None] = []
+
+    def score(text: str, **row) -> float:
+        return float(score_text(text, **row))
+
+    return map_completions(reward_name, completions, score, columns, optional_columns, fallback=0.0)
+
+
+def map_completions(
+    reward_name: str,
+    completions: Sequence[Any],
+    function: Callable[..., Any],
+    columns: dict[str, Sequence[Any] | None],
+    optional_columns: dict[str, Sequence[Any] | None] | None = None,
+    fallback: Any = 0.0,
+) -> list[Any]:
+    """:func:`score_completions` for any per-row value: ``function(text, **row)``, ``None`` for rows missing a
+    column, ``fallback`` (logged, counted in :data:`REWARD_FALLBACKS`) where ``function`` raises."""
+    values: list[Any] = []
     for index, completion in enumerate(completions):
         row = {name: _value_at(column, index) for name, column in columns.items()}
         if any(value is None for value in row.values()):
-            rewards.append(None)
+            values.append(None)
             continue
         row.update({name: _value_at(column, index) for name, column in (optional_columns or {}).items()})
         try:
-            rewards.append(float(score_text(completion_to_text(completion), **row)))
-        except Exception:  # a bug or a hostile input must not stop training: log it, count it, score 0
+            values.append(function(completion_to_text(completion), **row))
+        except Exception:  # a bug or a hostile input must not stop training: log it, count it, use the fallback
             REWARD_FALLBACKS[reward_name] += 1
-            logger.warning("%s failed on completion %d; scored 0.0.", reward_name, index, exc_info=True)
-            rewards.append(0.0)
-    return rewards
+            logger.warning("%s failed on completion %d; scored %r.", reward_name, index, fallback, exc_info=True)
+            values.append(fallback)
+    return values
 
 
 def _value_at(column: Sequence[Any] | None, index: int) -> Any:

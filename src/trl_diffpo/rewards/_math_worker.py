@@ -6,7 +6,7 @@ torch or CUDA, and can be killed at any moment without harming the parent. :func
 by :class:`trl_diffpo.rewards.math_verifier.MathVerifier` when ``use_subprocess=False``.
 
 Usage: ``python _math_worker.py [MAX_MEMORY_MB]``. Protocol (one JSON object per line): the worker first writes ``{"ready": true}`` (or ``{"error": "..."}`` and exits),
-then answers every request ``{"id": n, "gold": str, "pred": str}`` with ``{"id": n, "correct": bool}``.
+then answers every request ``{"id": n, "gold": str, "pred": str | list[str]}`` with ``{"id": n, "correct": bool}``.
 """
 
 from __future__ import annotations
@@ -38,21 +38,23 @@ def _parse_gold(gold: str) -> list:
     return parsed
 
 
-def judge(gold: str, pred: str) -> bool:
+def judge(gold: str, pred: str | list[str]) -> bool:
     """Whether ``pred`` is mathematically equivalent to ``gold`` (both LaTeX or plain text) according to math_verify.
 
-    ``pred`` is tried twice: wrapped in ``\\boxed{}`` (so LaTeX such as ``\\dfrac{1}{2}`` or ``(3, \\frac{\\pi}{2})``
-    parses as one expression) and as is (so ``18 dollars`` or ``x = 5`` still yield their number). Never raises.
+    ``pred`` is one final answer, or a list of forms of it (the caller's normalisations, see
+    ``trl_diffpo.rewards.extraction.answer_expression_forms``); each form is parsed as **one** expression, wrapped
+    in ``\\boxed{}``, and any form equal to ``gold`` counts. The raw text is never handed to math_verify unboxed:
+    its free-text mode takes the last number of a longer answer (``13 or 14`` would equal 14). Never raises.
     """
     from math_verify import verify
 
+    forms = [pred] if isinstance(pred, str) else list(pred)
     try:
         gold_parsed = _parse_gold(gold)
         if not gold_parsed:
             return False
-        candidates = [pred] if "\\boxed" in pred else [f"\\boxed{{{pred}}}", pred]
-        for candidate in candidates:
-            pred_parsed = _parse(candidate)
+        for form in forms:
+            pred_parsed = _parse(form if "\\boxed" in form else f"\\boxed{{{form}}}")
             if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
                 return True
     except Exception:  # math_verify/sympy can raise almost anything on odd input: "not equivalent"
@@ -99,7 +101,10 @@ def _serve(max_memory_mb: int = 0) -> int:
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            correct = judge(str(request["gold"]), str(request["pred"]))
+            pred = request["pred"]
+            correct = judge(
+                str(request["gold"]), [str(form) for form in pred] if isinstance(pred, list) else str(pred)
+            )
             reply = {"id": request["id"], "correct": bool(correct)}
         except Exception as err:  # a malformed request must not kill the worker
             reply = {"id": None, "error": repr(err)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ._base import score_completions
-from .extraction import extract_xml_answer
+from .extraction import answer_region, extract_boxed
 
 MAX_EXPRESSION_CHARS = 200
 MAX_PAREN_DEPTH = 16
@@ -145,14 +145,17 @@ def normalize_operators(text: str) -> str:
 def extract_countdown_expression(text: str) -> str | None:
     """The candidate expression of a countdown completion (None if there is none).
 
-    1. The region is the last ``<answer>`` block, else the last non-empty line of the completion.
+    1. The region is the last non-empty ``<answer>`` block, else the last non-empty ``\\boxed{}`` (so
+       ``\\[ \\boxed{34+53-32} \\]`` without tags is read), else the last non-empty line of the completion.
     2. Operators are normalised (``\\times``, ``×`` -> ``*``; ``\\div``, ``÷`` -> ``/``; ``$`` dropped).
     3. The region is cut into runs of expression characters (digits, ``+ - * / ( )``, spaces); ``=``, letters and
        other punctuation separate runs. The **last run that holds an operator** is the candidate, else the last run
        holding a digit. So ``(1+2)*3 = 9`` and ``9 = (1+2)*3`` give ``(1+2)*3``, and words such as "The answer is"
        are dropped.
     """
-    region = extract_xml_answer(text)
+    region = answer_region(text)
+    if region is None:
+        region = extract_boxed(text)
     if region is None:
         lines = [line for line in text.splitlines() if line.strip()]
         if not lines:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from ._base import score_completions
-from .extraction import extract_xml_answer
+from .extraction import answer_region
 
 SIZE = 4
 BOX = 2
@@ -122,14 +122,28 @@ def all_solution_grids() -> list[Grid]:
 
 
 def extract_sudoku_grid(text: str) -> Grid | None:
-    """The grid a completion answers with: the digits of the last ``<answer>`` block (else of the whole text),
-    after removing row labels such as ``Row 1:``; the last 16 digits are used. None with fewer than 16 digits."""
-    region = extract_xml_answer(text)
+    """The grid a completion answers with, or None.
+
+    The region is the last non-empty ``<answer>`` block, else the whole completion; row labels such as ``Row 1:``
+    are removed. The grid is the region's digits when there are exactly 16 of them; with more, it is the digits of
+    the region's last 4 lines that hold digits, when those hold exactly 16 (a grid written after some text).
+    Anything else (fewer digits, or a run such as ``132132132132132132``) is no grid: never a guess from part of it.
+    """
+    region = answer_region(text)
     region = _ROW_LABEL.sub(" ", text if region is None else region)
-    digits = [int(char) for char in region if char.isascii() and char.isdigit()]
-    if len(digits) < CELLS:
-        return None
-    return tuple(digits[-CELLS:])
+    digits = _ascii_digits(region)
+    if len(digits) == CELLS:
+        return tuple(digits)
+    if len(digits) > CELLS:
+        digit_lines = [line_digits for line_digits in map(_ascii_digits, region.splitlines()) if line_digits]
+        tail = [digit for line_digits in digit_lines[-SIZE:] for digit in line_digits]
+        if len(tail) == CELLS:
+            return tuple(tail)
+    return None
+
+
+def _ascii_digits(text: str) -> list[int]:
+    return [int(char) for char in text if char.isascii() and char.isdigit()]
 
 
 def _puzzle_and_solution(puzzle: Any, solution: Any) -> tuple[Grid, Grid]:
