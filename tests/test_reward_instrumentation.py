@@ -105,3 +105,31 @@ def test_default_config_does_not_warn_about_gradient_checkpointing():
     assert _config(activation_checkpointing=False).gradient_checkpointing is False
     with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the old name still works, and says so
         assert _config(gradient_checkpointing=False).activation_checkpointing is False
+
+
+def test_the_python_api_trainer_logs_reward_time_and_fallbacks(tmp_path):
+    """DiffpoTrainer wraps its reward functions itself (not only the CLI does): the metrics reach the log."""
+    from datasets import Dataset
+
+    from trl_diffpo import DiffpoTrainer
+    from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
+
+    def length_reward(completions, **kwargs):
+        return [float(len(text) % 3) for text in completions]
+
+    tokenizer = build_char_tokenizer()
+    args = DiffpoConfig(
+        output_dir=str(tmp_path), bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+        max_completion_length=8, block_length=4, diffusion_steps=4, per_device_train_batch_size=4,
+        num_generations=2, num_iterations=1, max_steps=1, beta=0.0, activation_checkpointing=False,
+    )  # fmt: skip
+    trainer = DiffpoTrainer(
+        model=build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1),
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["1+2=", "abc", "x", "zz:"]}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"rewards/length_reward/time_s", "rewards/length_reward/fallbacks"} <= logged

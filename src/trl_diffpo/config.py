@@ -365,6 +365,7 @@ class DiffpoConfig(GRPOConfig):
             )
         if self.max_unscorable_steps < 0:
             raise ValueError(f"max_unscorable_steps must be >= 0 (0: only warn), got {self.max_unscorable_steps}.")
+
     def _check_rewards(self) -> None:
         if not (math.isfinite(self.reward_timeout_s) and self.reward_timeout_s > 0):
             raise ValueError(f"reward_timeout_s must be a finite number of seconds > 0, got {self.reward_timeout_s}.")

@@ -50,6 +50,7 @@ from .config import DiffpoConfig
 from .generation import DiffusionGenerateOutput, diffusion_generate, first_true_index
 from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs
 from .model_card import write_model_card
+from .rewards import prepare_reward_funcs
 from .rollout_metrics import importance_weight_metrics, rollout_metrics
 from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
 from .trainer_setup import average_head_gradients_under_ddp, load_policy, named_reward, prepare_model_for_grpo
@@ -174,6 +175,8 @@ class DiffpoTrainer(GRPOTrainer):
                 "and surrogate options."
             )
 
+        if reward_funcs is not None:  # the math verifier's limits from `args`; reward time and fallback metrics
+            reward_funcs = prepare_reward_funcs(reward_funcs, args)
         loaded_here = isinstance(model, str)
         if loaded_here:
             model, processing_class = load_policy(model, args, quantization_config, processing_class)
