@@ -11,6 +11,7 @@ import yaml
 
 from trl_diffpo.ablation import frontier, load_grid, parse_grid
 from trl_diffpo.ablation.cli import main
+from trl_diffpo.ablation.recipe import _evaluation as recipe_evaluation
 from trl_diffpo.ablation.recipe import eval_command, train_command
 from trl_diffpo.ablation.records import WARMUP_NAME, load_records
 from trl_diffpo.ablation.summary import accuracy_at_nfe, markdown_table, nfe_at_accuracy, summarise
@@ -202,6 +203,16 @@ def test_recipe_commands(tmp_path):
     assert "--use_sampler_head true --sampler_head_mode joint" in joint
     evaluation = eval_command(grid, str(tmp_path / "model"), 0, str(tmp_path), learned=True)
     assert evaluation[evaluation.index("--samplers") + 1] == "entropy_bounded:0.02,0.1,0.3,1,learned"
+    # the record's evaluation comes from trl-diffpo eval's results.json
+    (tmp_path / "eval").mkdir()
+    settings = [
+        {"label": "entropy_bounded:0.3", "threshold": 0.3, "learned": False, "accuracy": 0.2, "mean_nfe": 5.0},
+        {"label": "entropy_bounded:learned", "threshold": None, "learned": True, "accuracy": 0.3, "mean_nfe": 6.0},
+        {"label": "entropy_bounded:0.1", "threshold": 0.1, "learned": False, "accuracy": 0.4, "mean_nfe": 9.0},
+    ]
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"settings": settings}))
+    record = recipe_evaluation(grid, str(tmp_path))
+    assert [p["threshold"] for p in record["points"]] == [0.1, 0.3] and record["learned"]["accuracy"] == 0.3
 
 
 def _hand_interpolate(points, x_name, y_name, x):

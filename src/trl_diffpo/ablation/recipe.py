@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from .grid import AblationGrid, Configuration
-from .records import WARMUP_NAME
+from .records import WARMUP_NAME, evaluation_record
 
 
 def _flag_values(options: dict[str, Any]) -> list[str]:
@@ -97,14 +97,7 @@ def _run(command: list[str]) -> float:
 def _evaluation(grid: AblationGrid, run_dir: str) -> dict[str, Any]:
     with open(os.path.join(run_dir, "eval", "results.json"), encoding="utf-8") as handle:
         results = json.load(handle)
-    keep = ("label", "threshold", "num_samples", "num_correct", "accuracy", "mean_nfe", "std_nfe", "mean_threshold")
-    points = [{k: s[k] for k in keep} for s in results["settings"] if not s["learned"]]
-    learned = [{k: s[k] for k in keep} for s in results["settings"] if s["learned"]]
-    return {
-        "fixed_threshold": grid.fixed_threshold,
-        "points": sorted(points, key=lambda p: p["threshold"]),
-        "learned": learned[0] if learned else None,
-    }
+    return evaluation_record(results["settings"], grid.fixed_threshold)
 
 
 def _base_model(grid: AblationGrid) -> str:

@@ -85,17 +85,20 @@ def load_records(output_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def evaluation_record(results, fixed_threshold: float) -> dict[str, Any]:
-    """The evaluation part of a record from :class:`trl_diffpo.evaluation.EvaluationResults`.
+POINT_KEYS = ("label", "threshold", "num_samples", "num_correct", "accuracy", "mean_nfe", "std_nfe", "mean_threshold")
+
+
+def evaluation_record(settings: list[dict[str, Any]], fixed_threshold: float) -> dict[str, Any]:
+    """The evaluation part of a record from per-setting results (``SettingResult`` as dicts, or the ``settings`` list
+    of an evaluation's ``results.json``).
 
     ``points`` are the fixed-threshold settings of the sweep (sorted by threshold), ``learned`` the sampler head's
     setting when one was evaluated.
     """
-    keep = ("label", "threshold", "num_samples", "num_correct", "accuracy", "mean_nfe", "std_nfe", "mean_threshold")
     points, learned = [], None
-    for result in results.settings:
-        row = {name: getattr(result, name) for name in keep}
-        if result.learned:
+    for result in settings:
+        row = {name: result.get(name) for name in POINT_KEYS}
+        if result.get("learned"):
             learned = row
         else:
             points.append(row)

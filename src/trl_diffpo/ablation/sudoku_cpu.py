@@ -84,7 +84,7 @@ class SudokuSeedContext:
             head=head,
             show_progress=show_progress,
         )
-        return evaluation_record(results, self.grid.fixed_threshold)
+        return evaluation_record(results.to_dict()["settings"], self.grid.fixed_threshold)
 
 
 def training_curves(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
