@@ -323,3 +323,23 @@ def test_every_configuration_of_the_shipped_cpu_grid_trains(tmp_path, capsys):
     assert by_name["two-stage + sequence IS"]["trainer_config"]["is_correction"] == "sequence"
     assert by_name["sampler-only"]["evaluation"]["learned"] is not None
     assert "kl_per_step" in by_name["two-stage + token IS"]
+
+
+def test_kl_figure_of_a_saved_model(tmp_path, capsys):
+    from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
+
+    tokenizer = build_char_tokenizer()
+    folder = tmp_path / "model"
+    build_tiny_model(
+        tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=128
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(_grid(tmp_path / "out")))
+    argv = ["--config", str(config), "--kl-model", str(folder), "--kl-prompts", "4", "--kl-threshold", "0.5"]
+    assert main(argv) == 0
+    assert "[kl] " in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "kl_per_step" / "kl_per_step.json").read_text())
+    assert report["settings"]["num_prompts"] == 4 and report["settings"]["threshold"] == 0.5
+    assert report["overall"]["num_tokens"] == sum(report["num_tokens"]) > 0
+    assert not (tmp_path / "out" / "runs").exists()  # --kl-model does not run the grid
