@@ -124,7 +124,7 @@ def write_outputs(grid: AblationGrid) -> dict[str, str]:
     paths["png"] = plot_frontiers(
         summary,
         os.path.join(grid.output_dir, FRONTIERS_PNG),
-        title=f"{grid.name}: held-out accuracy vs NFE, mean ± std over seeds (star: learned threshold)",
+        title=f"{grid.name}: held-out accuracy vs NFE",
     )
     with open(paths["md"], encoding="utf-8") as handle:
         print("\n" + handle.read(), flush=True)
