@@ -1,4 +1,4 @@
-"""The ``trl-diffpo`` command line: ``train``, ``eval`` and ``demo`` subcommands (also ``python -m trl_diffpo``)."""
+"""The ``trl-diffpo`` command line: ``train``, ``eval``, ``demo`` and ``ablate`` subcommands (also ``python -m trl_diffpo``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ SUBCOMMANDS = {
     ),
     "train": ("trl_diffpo.scripts.train", "main", "train a dLLM with DiffpoTrainer from a YAML config / flags"),
     "eval": ("trl_diffpo.evaluation", "main", "accuracy vs NFE evaluation of a model, samplers and thresholds"),
+    "ablate": (
+        "trl_diffpo.ablation.cli",
+        "main",
+        "ablation grid (configurations x seeds) with a summary table and plot",
+    ),
     "check-checkpoint": ("trl_diffpo.models", "main", "check a LLaDA / Dream checkpoint folder against our classes"),
 }
 

@@ -69,7 +69,7 @@ class DemoSettings:
     num_heads: int = 4
     # warm-up (masked-diffusion SFT), stopped once validation accuracy reaches sft_target_accuracy
     sft_steps: int = 800
-    sft_target_accuracy: float = 0.3
+    sft_target_accuracy: float | None = 0.3  # None: no early stop (exactly sft_steps steps)
     sft_eval_every: int = 25
     num_validation: int = 64
     sft_batch_size: int = 64
@@ -184,19 +184,25 @@ def warmup_model(settings: DemoSettings, tokenizer, train_rows, validation_rows)
         seed=settings.seed,
     )
     num_parameters = sum(p.numel() for p in model.parameters())
+    until = (
+        f"{settings.sft_steps} steps"
+        if settings.sft_target_accuracy is None
+        else f"until validation accuracy >= {100 * settings.sft_target_accuracy:.0f}% (at most {settings.sft_steps} "
+        "steps)"
+    )
     print(
         f"[warm-up] masked-diffusion SFT of a {num_parameters / 1e6:.2f}M-parameter bidirectional Llama on "
-        f"{len(train_rows)} puzzles, until validation accuracy >= {100 * settings.sft_target_accuracy:.0f}% "
-        f"(at most {settings.sft_steps} steps)"
+        f"{len(train_rows)} puzzles, {until}"
     )
     started = time.perf_counter()
 
     def validation_accuracy(step, model):
-        results = _evaluate(
-            settings, model, tokenizer, validation_rows, [_fixed_setting(settings)], show_progress=False
+        results = evaluate_held_out(
+            settings, model, tokenizer, validation_rows, [fixed_setting(settings)], show_progress=False
         )
         accuracy = results.settings[0].accuracy
-        return {"val_accuracy": accuracy, "stop": accuracy >= settings.sft_target_accuracy}
+        target = settings.sft_target_accuracy
+        return {"val_accuracy": accuracy, "stop": target is not None and accuracy >= target}
 
     history = masked_diffusion_sft(
         model,
@@ -249,7 +255,7 @@ PROGRESS_METRICS = {
 }
 
 
-def _progress_callback():
+def _progress_callback(description: str = "DiFFPO"):
     """A compact RL progress bar (reward, solved fraction, NFE, learned gamma) instead of printed log dicts."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -260,7 +266,7 @@ def _progress_callback():
             self.shown: dict[str, str] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, desc="DiFFPO", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, desc=description, dynamic_ncols=True)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)
@@ -279,14 +285,47 @@ def _progress_callback():
     return DemoProgressCallback()
 
 
-def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
-    """Train ``model`` with DiffpoTrainer + SamplerHeadCallback (joint). Returns ``(trainer, callback, info)``."""
+# the demo's RL recipe: two-stage surrogate, token IS, entropy-bounded rollouts at the fixed gamma (the ablation runner
+# overrides these per configuration)
+DEMO_TRAINER_RECIPE = {
+    "sampler": "entropy_bounded",
+    "likelihood": "two_stage",
+    "is_correction": "token",
+    "p_mask_prompt": 0.0,
+}
+JOINT_HEAD = "joint"
+
+
+def train_diffpo(
+    settings: DemoSettings,
+    model,
+    tokenizer,
+    train_rows,
+    *,
+    trainer_overrides: dict | None = None,
+    head_mode: str | None = JOINT_HEAD,
+    progress_description: str = "DiFFPO",
+):
+    """Train ``model`` with DiffpoTrainer (+ a SamplerHeadCallback unless ``head_mode`` is None).
+
+    Returns ``(trainer, callback, info)`` (``callback`` is None without a head).
+
+    Args:
+        trainer_overrides: :class:`~trl_diffpo.DiffpoConfig` fields replacing the demo's recipe
+            (:data:`DEMO_TRAINER_RECIPE`), e.g. ``{"likelihood": "mean_field", "is_correction": "none"}``.
+        head_mode: ``"joint"`` (the demo), ``"sampler_only"`` (frozen model, the head learns) or None (model only).
+        progress_description: the label of the progress bar.
+    """
     from .config import DiffpoConfig
     from .rewards import sudoku_reward, sudoku_strict_reward
     from .sampler_head import SamplerHeadCallback
+    from .samplers import FIXED_SCHEDULE_SAMPLERS
     from .trainer import DiffpoTrainer
 
     batch = settings.prompts_per_step * settings.num_generations
+    recipe = {**DEMO_TRAINER_RECIPE, "threshold": settings.fixed_threshold, **(trainer_overrides or {})}
+    if recipe["sampler"] in FIXED_SCHEDULE_SAMPLERS:  # top-k rollouts have no threshold
+        recipe["threshold"] = None
     args = DiffpoConfig(
         output_dir=os.path.join(settings.output_dir, "rl_run"),
         max_steps=settings.rl_steps,
@@ -302,11 +341,6 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
         temperature=settings.rl_temperature,
         max_completion_length=settings.gen_length,
         block_length=settings.gen_length,
-        sampler="entropy_bounded",
-        threshold=settings.fixed_threshold,
-        likelihood="two_stage",
-        is_correction="token",
-        p_mask_prompt=0.0,
         reward_weights=[1.0, 1.0],
         bf16=False,
         activation_checkpointing=False,
@@ -317,18 +351,23 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
         seed=settings.seed,
         disable_tqdm=True,
         log_completions=False,
+        **recipe,
     )
-    callback = SamplerHeadCallback(
-        mode="joint",
-        nfe_penalty=settings.nfe_penalty,
-        head_learning_rate=settings.head_learning_rate,
-        threshold_min=0.0,
-        threshold_max=settings.threshold_max,
-        init_threshold=settings.fixed_threshold,
-        sigma=settings.head_sigma,
-        scale_advantages=settings.head_scale_advantages,
-        mlp_hidden_size=64,
-        seed=settings.seed,
+    callback = (
+        None
+        if head_mode is None
+        else SamplerHeadCallback(
+            mode=head_mode,
+            nfe_penalty=settings.nfe_penalty,
+            head_learning_rate=settings.head_learning_rate,
+            threshold_min=0.0,
+            threshold_max=settings.threshold_max,
+            init_threshold=settings.fixed_threshold,
+            sigma=settings.head_sigma,
+            scale_advantages=settings.head_scale_advantages,
+            mlp_hidden_size=64,
+            seed=settings.seed,
+        )
     )
     trainer = DiffpoTrainer(
         model=model,
@@ -336,16 +375,18 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
         args=args,
         train_dataset=train_rows,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=[] if callback is None else [callback],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for default_callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_callback)
-    trainer.add_callback(_progress_callback())
+    trainer.add_callback(_progress_callback(progress_description))
+    head = "no sampler head" if head_mode is None else f"{head_mode.replace('_', '-')} sampler head"
     print(
-        f"[DiFFPO] {settings.rl_steps} steps x {settings.prompts_per_step} prompts x {settings.num_generations} "
-        f"rollouts (two-stage surrogate, token IS, entropy-bounded sampler, joint sampler head)"
+        f"[{progress_description}] {settings.rl_steps} steps x {settings.prompts_per_step} prompts x "
+        f"{settings.num_generations} rollouts ({args.likelihood} surrogate, IS {args.is_correction}, {args.sampler} "
+        f"sampler, {head})"
     )
     started = time.perf_counter()
     trainer.train()
@@ -362,19 +403,21 @@ def train_diffpo(settings: DemoSettings, model, tokenizer, train_rows):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _fixed_setting(settings: DemoSettings):
+def fixed_setting(settings: DemoSettings):
+    """The entropy-bounded setting at the demo's fixed gamma."""
     from .evaluation import SamplerSetting
 
     return SamplerSetting("entropy_bounded", threshold=settings.fixed_threshold)
 
 
-def _evaluate(settings: DemoSettings, model, tokenizer, held_out, sampler_settings, head=None, show_progress=True):
+def evaluate_held_out(settings: DemoSettings, model, tokenizer, rows, sampler_settings, head=None, show_progress=True):
+    """:func:`trl_diffpo.evaluation.evaluate` of ``model`` on Sudoku ``rows`` with the demo's decoding settings."""
     from .evaluation import evaluate
 
     return evaluate(
         model,
         tokenizer,
-        held_out,
+        rows,
         sampler_settings,
         task="sudoku",
         sampler_head=head,
@@ -530,11 +573,11 @@ def run_demo(settings: DemoSettings) -> dict:
     )
 
     model, warmup_info = warmup_model(settings, tokenizer, train_rows, validation_rows)
-    fixed = _fixed_setting(settings)
+    fixed = fixed_setting(settings)
     sweep = [SamplerSetting("entropy_bounded", threshold=t) for t in settings.sweep_thresholds]
     sweep = [s for s in sweep if s != fixed]
     print(f"[eval] warm-up model on {len(held_out)} held-out puzzles")
-    before = _evaluate(settings, model, tokenizer, held_out, [fixed, *sweep])
+    before = evaluate_held_out(settings, model, tokenizer, held_out, [fixed, *sweep])
 
     trainer, callback, rl_info = train_diffpo(settings, model, tokenizer, train_rows)
     rl_model = trainer.model
@@ -544,7 +587,7 @@ def run_demo(settings: DemoSettings) -> dict:
     tokenizer.save_pretrained(model_folder)
     print(f"[eval] DiFFPO model on {len(held_out)} held-out puzzles")
     eval_started = time.perf_counter()
-    after = _evaluate(
+    after = evaluate_held_out(
         settings,
         rl_model,
         tokenizer,
