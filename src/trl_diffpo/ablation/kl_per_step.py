@@ -161,11 +161,11 @@ def kl_per_step_on_rows(
     seed: int = 0,
 ) -> dict[str, Any]:
     """:func:`trajectory_token_stats` on the prompts of a dataset (``prompt`` column), aggregated per step."""
-    from ..evaluation import _dataset_columns, _dataset_length, _model_device
+    from ..evaluation.runner import dataset_columns, dataset_length, model_device
     from ..sft import left_pad, tokenize_prompts
 
-    device = _model_device(model)
-    total = min(int(num_prompts), _dataset_length(rows))
+    device = model_device(model)
+    total = min(int(num_prompts), dataset_length(rows))
     generator = torch.Generator(device=device).manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -173,7 +173,7 @@ def kl_per_step_on_rows(
     parts: dict[str, list[torch.Tensor]] = {}
     try:
         for start in range(0, total, batch_size):
-            prompts = _dataset_columns(rows, start, min(start + batch_size, total))["prompt"]
+            prompts = dataset_columns(rows, start, min(start + batch_size, total))["prompt"]
             input_ids, attention_mask = left_pad(tokenize_prompts(tokenizer, prompts), pad_id)
             stats = trajectory_token_stats(
                 model,

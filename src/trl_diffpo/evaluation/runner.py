@@ -37,7 +37,7 @@ def _resolve_correctness(task, correctness_fn) -> tuple[Callable[..., list[bool]
     return task.is_correct, task.name
 
 
-def _dataset_columns(dataset, start: int, stop: int) -> dict[str, list]:
+def dataset_columns(dataset, start: int, stop: int) -> dict[str, list]:
     if hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__") and not isinstance(dataset, dict):
         return dict(dataset[start:stop])
     if isinstance(dataset, dict):
@@ -46,7 +46,7 @@ def _dataset_columns(dataset, start: int, stop: int) -> dict[str, list]:
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
-def _dataset_length(dataset) -> int:
+def dataset_length(dataset) -> int:
     if isinstance(dataset, dict):
         lengths = {len(values) for values in dataset.values()}
         if len(lengths) != 1:
@@ -55,7 +55,7 @@ def _dataset_length(dataset) -> int:
     return len(dataset)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - parameterless test doubles
@@ -129,13 +129,13 @@ def evaluate(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     is_correct, task_name = _resolve_correctness(task, correctness_fn)
-    total = _dataset_length(dataset)
+    total = dataset_length(dataset)
     total = total if num_samples is None else min(total, int(num_samples))
     if total == 0:
         raise ValueError("The evaluation dataset is empty.")
 
     backbone = get_backbone(model, mask_token_id=mask_token_id, tokenizer=tokenizer)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     threshold_fn = None
@@ -148,7 +148,7 @@ def evaluate(
 
     batches = []
     for start in range(0, total, batch_size):
-        columns = _dataset_columns(dataset, start, min(start + batch_size, total))
+        columns = dataset_columns(dataset, start, min(start + batch_size, total))
         if "prompt" not in columns:
             raise ValueError(f"The evaluation dataset needs a 'prompt' column; it has {sorted(columns)}.")
         prompt_ids = tokenize_prompts(tokenizer, columns["prompt"])
