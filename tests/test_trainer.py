@@ -138,8 +138,8 @@ def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer
     trainer = make_trainer(
         tokenizer, tmp_path, prompts=["1+2="], per_device_train_batch_size=2, gradient_accumulation_steps=1,
         num_iterations=1, max_steps=1, beta=beta, loss_type="grpo", max_grad_norm=0.0, p_mask_prompt=0.3,
-        temperature=0.9, is_clamp=1.0, use_bias_correction_kl=bias_corrected_kl,
-    )  # fmt: skip
+        temperature=0.9, is_clamp=1.0, use_bias_correction_kl=bias_corrected_kl, seed=1,
+    )  # fmt: skip  (seed 1: the two completions' rewards differ, so the advantages are non-zero)
     # A fresh copy (not `deepcopy(trainer.model)`: TRL's patched `forward` would still call the trained model).
     initial = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1)
     initial.load_state_dict(trainer.model.state_dict())
@@ -339,7 +339,7 @@ def test_training_matrix(tokenizer, tmp_path, sampler, likelihood, num_stages, i
         assert logged(trainer, "diffusion/threshold/mean")[0] == pytest.approx(ADAPTIVE_THRESHOLDS[sampler])
     else:
         assert not logged(trainer, "diffusion/threshold/mean"), "fixed samplers have no threshold to log"
-        assert logged(trainer, "diffusion/nfe/mean")[0] == 4
+        assert logged(trainer, "diffusion/nfe/max")[0] == 4  # a row that stops at an EOS takes fewer
     if likelihood == "mean_field":
         assert logged(trainer, "diffpo/tau/mean")[0] == 0 and logged(trainer, "diffpo/surrogate_forwards")[0] == 1
 
