@@ -4,7 +4,8 @@
 block (semi-autoregressive): at every step one batched forward predicts all positions, and a sampler
 (:mod:`trl_diffpo.samplers`) commits some masked positions of each row's current block. Each row moves through its
 blocks at its own pace, so rows with different thresholds finish at different times in the same batch, and a row that
-has finished takes no further forward passes (and counts no further NFEs).
+has finished takes no further forward passes (and counts no further NFEs). Only the current blocks' logits are
+computed; ``cache="prefix" | "dual"`` reuses keys/values across the steps of a block (:mod:`trl_diffpo.block_logits`).
 
 The returned trace is what training needs: for every completion position the 1-based step of its row at which it was
 committed (``unmask_step``), the behaviour log-probability of the committed token under the distribution that
