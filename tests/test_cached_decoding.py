@@ -345,3 +345,21 @@ def test_threshold_fn_gets_the_same_prompt_state_with_a_cache(tokenizer, batch, 
     torch.testing.assert_close(received[cache], received["none"], atol=0, rtol=0)
     assert_same_decoding(cached, exact)
     torch.testing.assert_close(cached.prompt_hidden, exact.prompt_hidden, atol=0, rtol=0)
+
+
+def test_cache_agreement_script_runs_on_a_saved_demo_shaped_model(tokenizer, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from trl_diffpo.tiny import build_tiny_model
+
+    build_tiny_model(tokenizer, hidden_size=32, num_layers=1).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_agreement.py"
+    spec = importlib.util.spec_from_file_location("cache_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.main([str(tmp_path), "--block", "5", "--thresholds", "1.0", "--num-held-out", "8"])
+    assert [row["cache"] for row in rows] == ["none", "prefix", "dual"]
+    assert rows[0]["token_agreement"] == 1.0 and all(0 <= row["token_agreement"] <= 1 for row in rows)
+    assert "| dual | 1.0 |" in capsys.readouterr().out
