@@ -6,8 +6,15 @@ later forwards may carry fewer rows) as bare backbone forwards. The sampler over
 
     overhead = (generate time - bare forward time) / bare forward time
 
-i.e. everything the engine does besides the model itself: distributions, Gumbel noise, selection, trace bookkeeping,
-host synchronisation. Each sampler runs once to warm up and record the forward shapes, then ``--repeats`` times the
+i.e. everything the engine does besides the model itself: distributions, token draws, selection, trace bookkeeping,
+host synchronisation.
+
+``--cache`` takes one or more decoding modes: ``none``, ``prefix``, ``dual`` (``diffusion_generate(cache=...)``) and
+``full-logits`` (``cache="none"`` with the logits of every position computed and the current blocks' gathered
+afterwards, as the engine did before it asked the backbone for the current blocks' logits only). With more than one,
+the modes run interleaved in one process (``--repeats`` rounds, each mode once per round) and a second table gives
+each mode's generate time as a ratio to the first mode listed; the bare-forward replay (overhead) runs for
+``none`` only. Each sampler runs once to warm up and record the forward shapes, then ``--repeats`` times the
 generate and the bare forwards, interleaved; the minimum of each is reported (the least disturbed run). On CUDA the
 times come from CUDA events after ``torch.cuda.synchronize()``; on a CPU from the wall clock or, with
 ``--clock process``, the process CPU time (use it with ``--threads 1`` on a machine shared with other jobs).
@@ -41,7 +48,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from trl_diffpo.backbones import DiffusionBackbone, get_backbone
+from trl_diffpo.backbones import BackboneOutput, DiffusionBackbone, get_backbone
+from trl_diffpo.block_logits import CACHE_MODES
 from trl_diffpo.generation import diffusion_generate
 from trl_diffpo.samplers import SAMPLERS
 
@@ -78,6 +86,8 @@ MODEL_SHAPES = {
     },
 }
 FIRST_REGULAR_TOKEN = 5  # prompts avoid the low ids where special tokens usually live
+FULL_LOGITS = "full-logits"  # cache="none" computing every position's logits (the engine before logits_positions)
+DECODING_MODES = (*CACHE_MODES, FULL_LOGITS)
 
 
 def random_tokens(shape, vocab_size: int, mask_token_id: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -97,6 +107,101 @@ class SamplerResult:
     tokens_per_s: float
     nfe_per_s: float
     overhead: float
+
+
+@dataclass
+class CacheResult:
+    sampler: str
+    cache: str
+    mean_nfe_per_row: float
+    forward_calls: int
+    generate_s: float
+    ratio: float  # generate_s / generate_s of the first mode listed
+
+
+class FullLogitsBackbone(DiffusionBackbone):
+    """Computes the logits of every position and gathers the requested ones afterwards (the engine before it asked
+    for the current blocks' logits only)."""
+
+    def __init__(self, backbone: DiffusionBackbone):
+        super().__init__(backbone.model, backbone.mask_token_id, logits_shift=backbone.logits_shift)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, logits_positions=None, **kwargs):
+        output = super().forward(input_ids, attention_mask, output_hidden_states, **kwargs)
+        if logits_positions is None:
+            return output
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        return BackboneOutput(logits=output.logits[rows, logits_positions], hidden_states=output.hidden_states)
+
+
+class CallCounter(DiffusionBackbone):
+    """Counts forward calls (a cached step may take several: see trl_diffpo.block_logits)."""
+
+    def __init__(self, backbone: DiffusionBackbone):
+        super().__init__(backbone.model, backbone.mask_token_id, logits_shift=backbone.logits_shift)
+        self.inner, self.calls = backbone, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.forward(*args, **kwargs)
+
+
+def bench_cache_modes(sampler, backbone, prompts, args, device) -> list[CacheResult]:
+    """Generate time of every ``--cache`` mode, interleaved (``--repeats`` rounds), as ratios to the first mode."""
+    options = sampler_options(sampler, args)
+    common = {"gen_length": args.gen_len, "block_length": args.block, "sampler": sampler}
+    common["temperature"] = args.temperature
+    targets = {mode: FullLogitsBackbone(backbone) if mode == FULL_LOGITS else backbone for mode in args.cache}
+
+    def run(mode, target):
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        cache = "none" if mode == FULL_LOGITS else mode
+        return diffusion_generate(target, prompts, generator=generator, cache=cache, **common, **options)
+
+    outputs, calls, times = {}, {}, {mode: [] for mode in args.cache}
+    for _ in range(args.repeats):  # the forward calls are counted in the timed runs (no separate warm-up run)
+        for mode, target in targets.items():
+            counter = CallCounter(target)
+
+            def timed_run(mode=mode, counter=counter):
+                outputs[mode] = run(mode, counter)
+
+            times[mode].append(timed(timed_run, device, args.clock))
+            calls[mode] = counter.calls
+    base = min(times[args.cache[0]])
+    return [
+        CacheResult(
+            sampler=sampler,
+            cache=mode,
+            mean_nfe_per_row=float(outputs[mode].nfe.float().mean()),
+            forward_calls=calls[mode],
+            generate_s=min(times[mode]),
+            ratio=min(times[mode]) / base,
+        )
+        for mode in args.cache
+    ]
+
+
+def cache_table(results: list[CacheResult]) -> str:
+    header = ["sampler", "cache", "mean NFE/row", "forward calls", "generate (s)", "ratio"]
+    rows = [
+        [
+            r.sampler,
+            r.cache,
+            f"{r.mean_nfe_per_row:.1f}",
+            str(r.forward_calls),
+            f"{r.generate_s:.3f}",
+            f"{r.ratio:.3f}x",
+        ]
+        for r in results
+    ]
+    return table(header, rows)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the first two columns left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def build_random_bidirectional_llama(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -138,9 +243,9 @@ class RecordingBackbone(DiffusionBackbone):
         super().__init__(backbone.model, backbone.mask_token_id, logits_shift=backbone.logits_shift)
         self.rows_per_forward: list[int] = []
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
         self.rows_per_forward.append(input_ids.shape[0])
-        return super().forward(input_ids, attention_mask, output_hidden_states)
+        return super().forward(input_ids, attention_mask, output_hidden_states, **kwargs)
 
 
 def timed(fn, device: torch.device, clock: str = "wall") -> float:
@@ -219,16 +324,14 @@ def bench_sampler(sampler, backbone, prompts, vocab_size, args, device) -> Sampl
 
 
 def markdown_table(results: list[SamplerResult]) -> str:
-    lines = [
-        "| sampler | options | mean NFE/row | forwards | generate (s) | bare forwards (s) | tokens/s | NFE/s | overhead |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    header = ["sampler", "options", "mean NFE/row", "forwards", "generate (s)", "bare forwards (s)", "tokens/s"]
+    header += ["NFE/s", "overhead"]
+    rows = [
+        [r.sampler, r.options, f"{r.mean_nfe_per_row:.1f}", str(r.forward_passes), f"{r.generate_s:.3f}"]
+        + [f"{r.forwards_s:.3f}", f"{r.tokens_per_s:.1f}", f"{r.nfe_per_s:.1f}", f"{100 * r.overhead:+.1f}%"]
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r.sampler} | {r.options} | {r.mean_nfe_per_row:.1f} | {r.forward_passes} | {r.generate_s:.3f} | "
-            f"{r.forwards_s:.3f} | {r.tokens_per_s:.1f} | {r.nfe_per_s:.1f} | {100 * r.overhead:+.1f}% |"
-        )
-    return "\n".join(lines)
+    return table(header, rows)
 
 
 def parse_args(argv=None):
@@ -244,6 +347,13 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cache",
+        nargs="+",
+        default=["none"],
+        choices=list(DECODING_MODES),
+        help="decoding mode(s): none, prefix, dual, full-logits; several run interleaved, as ratios to the first",
+    )
     add_run_arguments(
         parser, clock_help="CPU only: wall time, or process CPU time (use with --threads 1 on a shared machine)"
     )
@@ -264,14 +374,19 @@ def main(argv=None) -> list[SamplerResult]:
         f"prompt_len={args.prompt_len} gen_len={args.gen_len} block={args.block} temperature={args.temperature} "
         f"repeats={args.repeats} clock={args.clock if device.type == 'cpu' else 'cuda-events'} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab_size}"
     )
+    compare_modes = args.cache != ["none"]
     results = []
     for sampler in args.samplers:
-        results.append(bench_sampler(sampler, backbone, prompts, vocab_size, args, device))
+        if compare_modes:
+            results.extend(bench_cache_modes(sampler, backbone, prompts, args, device))
+        else:
+            results.append(bench_sampler(sampler, backbone, prompts, vocab_size, args, device))
         print(f"# done: {sampler}", flush=True)
-    print(markdown_table(results))
+    print(cache_table(results) if compare_modes else markdown_table(results))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, handle, indent=2)
+            key = "cache_results" if compare_modes else "results"
+            json.dump({"args": vars(args), key: [asdict(r) for r in results]}, handle, indent=2)
     return results
 
 

@@ -130,7 +130,7 @@ def _tiny_decoder():
     return tokenizer, model, input_ids
 
 
-def _decode(model, input_ids, threshold: float, synced_gpus: bool):
+def _decode(model, input_ids, threshold, synced_gpus: bool, cache: str = "none"):
     from trl_diffpo.generation import diffusion_generate
 
     return diffusion_generate(
@@ -142,7 +142,14 @@ def _decode(model, input_ids, threshold: float, synced_gpus: bool):
         threshold=threshold,
         temperature=0.0,
         synced_gpus=synced_gpus,
+        cache=cache,
     )
+
+
+def _cached_thresholds(rank: int) -> torch.Tensor:
+    """Per-row thresholds for the cached run: rank 0's rows move at different paces (several forward calls a step
+    with cache="prefix"), rank 1's rows together."""
+    return torch.tensor([FAST_THRESHOLD, SLOW_THRESHOLD]) if rank == 0 else torch.tensor([0.5, 0.5])
 
 
 def _decoding_worker(rank: int, out_dir: str) -> dict:
@@ -157,6 +164,10 @@ def _decoding_worker(rank: int, out_dir: str) -> dict:
         output = _decode(model, input_ids, threshold, synced_gpus)
         result[synced_gpus] = {"forward_calls": len(forward_calls), "nfe": output.nfe, "sequences": output.sequences}
         dist.barrier()
+    forward_calls.clear()
+    output = _decode(model, input_ids, _cached_thresholds(rank), True, cache="prefix")
+    result["prefix"] = {"forward_calls": len(forward_calls), "nfe": output.nfe, "sequences": output.sequences}
+    dist.barrier()
     return result
 
 
@@ -177,6 +188,20 @@ def test_synced_gpus_keeps_forward_counts_equal_across_ranks(decoding_runs):
     for rank in (0, 1):
         assert torch.equal(ranks[rank]["nfe"], reference[rank].nfe)
         assert torch.equal(ranks[rank]["sequences"], reference[rank].sequences)
+
+
+@pytest.mark.slow
+def test_synced_gpus_with_a_cache_keeps_forward_calls_equal_across_ranks(decoding_runs):
+    """With cache="prefix" a step may take several forward calls (rows in different blocks): the ranks still make the
+    same number, and each rank decodes as it would alone."""
+    ranks = [run["prefix"] for run in decoding_runs]
+    assert ranks[0]["forward_calls"] == ranks[1]["forward_calls"]
+    _, model, input_ids = _tiny_decoder()
+    for rank in (0, 1):
+        alone = _decode(model, input_ids, _cached_thresholds(rank), False, cache="prefix")
+        assert torch.equal(ranks[rank]["nfe"], alone.nfe)
+        assert torch.equal(ranks[rank]["sequences"], alone.sequences)
+    assert ranks[0]["nfe"].tolist()[0] != ranks[0]["nfe"].tolist()[1]  # rank 0's rows really moved apart
 
 
 @pytest.mark.slow

@@ -253,9 +253,9 @@ class CountingBackbone(DiffusionBackbone):
         super().__init__(*args, **kwargs)
         self.rows_per_forward = []
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
         self.rows_per_forward.append(input_ids.shape[0])
-        return super().forward(input_ids, attention_mask, output_hidden_states)
+        return super().forward(input_ids, attention_mask, output_hidden_states, **kwargs)
 
 
 def generate(model, batch, **options):
@@ -649,7 +649,7 @@ def head_tail_log_probs():
 
 
 def test_sampling_matches_the_softmax_in_the_tail():
-    from trl_diffpo.generation import sample_from_log_probs
+    from trl_diffpo.token_sampling import sample_from_log_probs
 
     log_probs = head_tail_log_probs()
     generator = torch.Generator().manual_seed(0)
@@ -672,7 +672,7 @@ def test_sampling_matches_the_softmax_in_the_tail():
 
 def test_sampling_draws_every_token_in_proportion_on_a_small_vocabulary():
     """A chi-square check over every token of a 700-token vocabulary (several CDF buckets, a partial last one)."""
-    from trl_diffpo.generation import sample_from_log_probs
+    from trl_diffpo.token_sampling import sample_from_log_probs
 
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(700, generator=generator) * 2

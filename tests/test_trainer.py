@@ -142,7 +142,7 @@ def test_first_step_ratio_is_one_and_gradient_matches_hand_computation(tokenizer
     trainer = make_trainer(
         tokenizer, tmp_path, prompts=["1+2="], reward=alternating_reward, per_device_train_batch_size=2, gradient_accumulation_steps=1,
         num_iterations=1, max_steps=1, beta=beta, loss_type="grpo", max_grad_norm=0.0, p_mask_prompt=0.3,
-        temperature=0.9, is_clamp=1.0, use_bias_correction_kl=bias_corrected_kl,
+        temperature=0.9, is_clamp=1.0, use_bias_correction_kl=bias_corrected_kl, seed=1,
     )  # fmt: skip
     # A fresh copy (not `deepcopy(trainer.model)`: TRL's patched `forward` would still call the trained model).
     initial = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=1)

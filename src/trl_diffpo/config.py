@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from trl import GRPOConfig
 
+from .block_logits import CACHE_MODES, CACHE_NONE
 from .likelihood import IS_CORRECTIONS, K_STAGE, LIKELIHOODS, TOKEN_IS, TWO_STAGE, stages_for
 from .samplers import ADAPTIVE_SAMPLERS, CONFIDENCE_THRESHOLD, FIXED_SCHEDULE_SAMPLERS, LOW_CONFIDENCE, SAMPLERS
 
@@ -60,6 +61,16 @@ class DiffpoConfig(GRPOConfig):
             regulariser). 0 disables it.
         stop_at_eos (`bool`, *optional*, defaults to `True`):
             Stop decoding a row once every position up to its first EOS is decoded (saves NFEs; the rest is EOS).
+        rollout_cache (`str`, *optional*, defaults to `"none"`):
+            Cached block decoding of the rollouts (`diffusion_generate(cache=...)`): `"none"` (every step recomputes
+            the whole sequence: exact), `"prefix"` (the keys/values before the current block are computed once per
+            block) or `"dual"` (before and after it; each step forwards the current block only). The cached modes
+            approximate the dLLM sampler; the rollout's behaviour log-probs are those of the forwards actually run and
+            the IS correction accounts for the gap (watch `diffpo/logp_gap/mean` and the clamped fraction). Native
+            LLaDA / Dream and transformers' bidirectional Llama / Qwen2 / Qwen3 only. See docs/generation.md.
+        rollout_cache_refresh (`int` or `None`, *optional*, defaults to `None`):
+            With `rollout_cache`, also recompute the cache every this many steps inside a block (`None`: at block
+            starts only).
         likelihood (`str`, *optional*, defaults to `"two_stage"`):
             Surrogate likelihood of a completion: `"mean_field"` (d1: every token scored given the prompt only, one
             forward), `"two_stage"` (DiFFPO: tau uniform in {0..T-1}; tokens committed after tau are scored given the
@@ -175,6 +186,19 @@ class DiffpoConfig(GRPOConfig):
     )
     stop_at_eos: bool = field(
         default=True, metadata={"help": "Stop decoding a row once everything up to its first EOS is decoded."}
+    )
+    rollout_cache: str = field(
+        default=CACHE_NONE,
+        metadata={
+            "help": f"Cached block decoding of the rollouts, one of {', '.join(CACHE_MODES)} (none is exact).",
+            "choices": list(CACHE_MODES),
+        },
+    )
+    rollout_cache_refresh: int | None = field(
+        default=None,
+        metadata={
+            "help": "With rollout_cache, also refresh the cache every this many steps in a block (None: never)."
+        },
     )
 
     # DiFFPO surrogate and importance sampling
@@ -296,6 +320,13 @@ class DiffpoConfig(GRPOConfig):
             raise ValueError(f"sampler={self.sampler!r} is not supported; choose one of {', '.join(SAMPLERS)}.")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}.")
+        if self.rollout_cache not in CACHE_MODES:
+            raise ValueError(
+                f"rollout_cache={self.rollout_cache!r} is not supported; choose one of {', '.join(CACHE_MODES)}."
+            )
+        refresh = self.rollout_cache_refresh
+        if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh <= 0):
+            raise ValueError(f"rollout_cache_refresh must be None or a positive integer (steps), got {refresh!r}.")
         num_blocks = length // self.block_length
         if self.sampler in FIXED_SCHEDULE_SAMPLERS:
             steps = self.diffusion_steps

@@ -4,7 +4,8 @@
 block (semi-autoregressive): at every step one batched forward predicts all positions, and a sampler
 (:mod:`trl_diffpo.samplers`) commits some masked positions of each row's current block. Each row moves through its
 blocks at its own pace, so rows with different thresholds finish at different times in the same batch, and a row that
-has finished takes no further forward passes (and counts no further NFEs).
+has finished takes no further forward passes (and counts no further NFEs). Only the current blocks' logits are
+computed; ``cache="prefix" | "dual"`` reuses keys/values across the steps of a block (:mod:`trl_diffpo.block_logits`).
 
 The returned trace is what training needs: for every completion position the 1-based step of its row at which it was
 committed (``unmask_step``), the behaviour log-probability of the committed token under the distribution that
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .backbones import DiffusionBackbone, get_backbone, unwrap_model
+from .block_logits import CACHE_NONE, BlockLogits, check_cache_options
 from .samplers import (
     ADAPTIVE_SAMPLERS,
     CONFIDENCE_THRESHOLD,
@@ -36,12 +38,11 @@ from .samplers import (
     select_entropy_bounded,
     select_top_k,
 )
+from .token_sampling import sample_from_log_probs
 
-# Inverse-CDF sampling works on buckets of this many vocabulary entries: the bucket masses are summed once per position,
-# their running sum is taken in float64, and only the one chosen bucket is expanded into a float64 running sum.
-_CDF_BUCKET = 256
 logger = logging.getLogger(__name__)
 _warned_generator_devices: set[tuple[str, str]] = set()
+_logged_cache_modes: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -181,50 +182,6 @@ def _uniform(
     return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def sample_from_log_probs(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Exact draws from ``softmax`` distributions by inverse-CDF sampling.
-
-    ``log_probs`` is ``(..., vocab)`` (normalised log-probabilities, e.g. :func:`policy_log_softmax`); ``uniforms`` is
-    ``(..., draws)`` float64 in ``[0, 1)``, one per draw. Returns ``(..., draws)`` token ids: token ``v`` is drawn with
-    probability ``exp(log_probs[..., v])`` up to the float32 rounding of those probabilities; a token of probability 0
-    (the excluded ``[MASK]``) is never drawn.
-
-    Why not Gumbel-max: with float32 uniforms the Gumbel noise is capped near 16.6, so a tail token whose log-prob is
-    more than ~16 below the head's is (almost) never drawn: at a 126k vocabulary with a 0.99 head the tail is drawn
-    ~0.7% of the time instead of 1%, a lower effective temperature than the one the trace records. Inverse-CDF
-    sampling needs one float64 uniform per draw instead of one per vocabulary entry. Memory: the float32
-    probabilities (one slab like ``log_probs``), ``vocab / 256`` float64 bucket sums per row, and one float64 bucket of
-    256 per draw, never a float64 copy of the slab.
-    """
-    vocab = log_probs.shape[-1]
-    leading = log_probs.shape[:-1]
-    probs = log_probs.reshape(-1, vocab).exp()  # (rows, vocab) float32
-    rows = probs.shape[0]
-    uniforms = uniforms.reshape(rows, -1).to(torch.float64)  # (rows, draws)
-    full = vocab - vocab % _CDF_BUCKET
-    bucket_mass = [probs[:, :full].reshape(rows, -1, _CDF_BUCKET).sum(-1)] if full else []
-    if full < vocab:
-        bucket_mass.append(probs[:, full:].sum(-1, keepdim=True))
-    bucket_mass = torch.cat(bucket_mass, dim=-1).double()  # (rows, buckets)
-    bucket_cdf = bucket_mass.cumsum(-1)
-    target = _below(uniforms * bucket_cdf[:, -1:], bucket_cdf[:, -1:])
-    bucket = torch.searchsorted(bucket_cdf, target, right=True)  # first bucket whose running sum exceeds the target
-    mass_before = torch.where(bucket > 0, bucket_cdf.gather(-1, (bucket - 1).clamp(min=0)), 0.0)
-    fraction = (target - mass_before) / bucket_mass.gather(-1, bucket)  # where in its bucket the target falls
-    token = bucket[..., None] * _CDF_BUCKET + torch.arange(_CDF_BUCKET, device=probs.device)  # (rows, draws, bucket)
-    in_vocab = token < vocab
-    bucket_probs = probs.gather(-1, token.clamp(max=vocab - 1).flatten(1)).view(token.shape)
-    local_cdf = torch.where(in_vocab, bucket_probs, 0.0).double().cumsum(-1)
-    local_target = _below(fraction * local_cdf[..., -1], local_cdf[..., -1])
-    offset = torch.searchsorted(local_cdf, local_target[..., None], right=True).squeeze(-1)
-    return (bucket * _CDF_BUCKET + offset).view(*leading, -1)
-
-
-def _below(value: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """``value`` clamped strictly below ``bound`` (a rounding guard: ``u * total`` can round up to ``total``)."""
-    return torch.minimum(value, torch.nextafter(bound, torch.zeros_like(bound)).expand_as(value))
-
-
 def _check_mask_in_vocabulary(backbone: DiffusionBackbone, mask_id: int) -> None:
     """A [MASK] id past the input embeddings would fail deep inside the model with an opaque index error."""
     base = unwrap_model(backbone.model)
@@ -266,10 +223,17 @@ def _pool_prompt(hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tenso
     return pooled.to(hidden.dtype).detach()
 
 
-def _any_rank_active(local_active: bool, device: torch.device) -> bool:
-    flag = torch.tensor([1.0 if local_active else 0.0], device=device)
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    flag = torch.tensor([float(value)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+    return int(flag.item())
+
+
+def _log_cache_mode(backbone: DiffusionBackbone, cache: str, cache_refresh: int | None) -> None:
+    key = (type(unwrap_model(backbone.model)).__name__, f"{cache}/{cache_refresh}")
+    if key not in _logged_cache_modes:
+        _logged_cache_modes.add(key)
+        logger.info("diffusion_generate: %s decodes with cache=%r, cache_refresh=%s.", key[0], cache, cache_refresh)
 
 
 @torch.no_grad()
@@ -291,6 +255,8 @@ def diffusion_generate(
     stop_at_eos: bool = True,
     return_prompt_hidden: bool = False,
     synced_gpus: bool = False,
+    cache: str = CACHE_NONE,
+    cache_refresh: int | None = None,
 ) -> DiffusionGenerateOutput:
     """Generate completions with a masked diffusion LM.
 
@@ -322,6 +288,15 @@ def diffusion_generate(
         return_prompt_hidden: also return the pooled prompt hidden state (needs ``output_hidden_states``).
         synced_gpus: in distributed runs where every forward is a collective (ZeRO-3 without gathering, FSDP), keep
             issuing forwards until every rank is done, so all ranks make the same number of forward passes.
+        cache: ``"none"`` (every step forwards the whole canvas: exact), ``"prefix"`` (a full forward at each row's
+            block start stores every position's keys/values; the other steps forward the block and what follows it,
+            reusing the stored keys/values before the block) or ``"dual"`` (the other steps forward the block only,
+            reusing the stored keys/values before and after it). The cached modes are an approximation: the trace
+            records the log-probs of the forwards actually run (the behaviour policy). Supported by the native LLaDA /
+            Dream classes and transformers' Llama / Qwen2 / Qwen3 (``is_causal=False``); other models get a
+            ``ValueError`` naming their class. See :mod:`trl_diffpo.block_logits`.
+        cache_refresh: with a cache, also refresh it (full forward) every this many steps inside a block; ``None``:
+            only at block starts.
 
     Returns:
         :class:`DiffusionGenerateOutput`.
@@ -329,6 +304,8 @@ def diffusion_generate(
     backbone = model if isinstance(model, DiffusionBackbone) else get_backbone(model, mask_token_id=mask_token_id)
     mask_id = backbone.mask_token_id if mask_token_id is None else int(mask_token_id)
     num_blocks, steps_per_block = _check_options(gen_length, block_length, sampler, steps, temperature)
+    check_cache_options(backbone, cache, cache_refresh)
+    _log_cache_mode(backbone, cache, cache_refresh)
     _check_mask_in_vocabulary(backbone, mask_id)
     if threshold_fn is not None and sampler not in ADAPTIVE_SAMPLERS:
         raise ValueError(f"threshold_fn only applies to the adaptive samplers {ADAPTIVE_SAMPLERS}, not {sampler!r}.")
@@ -359,31 +336,39 @@ def diffusion_generate(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     schedule = torch.tensor(fixed_schedule(block_length, steps_per_block), device=device) if steps_per_block else None
     offsets = torch.arange(block_length, device=device)
-    row_arange = torch.arange(batch_size, device=device)
     need_hidden = threshold_fn is not None or return_prompt_hidden
     prompt_hidden = None
     distributed = synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
+    block_logits_of = BlockLogits(backbone, cache, cache_refresh, batch_size, prompt_length, block_length, device)
 
     while True:
         active = ~done
-        num_active = int(active.sum())  # the one host sync per step (the row subset below needs it anyway)
-        locally_active = num_active > 0
-        if distributed:
-            if not _any_rank_active(locally_active, device):
-                break
-            if not locally_active:  # keep the collective forwards in step with the ranks still decoding
-                backbone(canvas[:1], None if full_mask is None else full_mask[:1])
-                continue
-        elif not locally_active:
-            break
+        num_active = int(active.sum())  # a host sync per step (the row subset below needs it anyway)
         all_active = num_active == batch_size
         rows = None if all_active else active.nonzero().squeeze(1)
-        row_canvas = canvas if all_active else canvas[rows]
-        row_mask = full_mask if (full_mask is None or all_active) else full_mask[rows]
+
+        def take(tensor, rows=rows):
+            return tensor if rows is None else tensor[rows]
+
+        plan = block_logits_of.plan(take(block_index), take(step_in_block)) if num_active else []
+        if distributed:  # every rank issues as many forwards as the busiest one (each forward is a collective)
+            most_calls = _max_over_ranks(len(plan), device)
+            for _ in range(most_calls - len(plan)):
+                backbone(canvas[:1], None if full_mask is None else full_mask[:1])
+            if most_calls == 0:
+                break
+            if not num_active:
+                continue
+        elif not num_active:
+            break
+        row_canvas = take(canvas)
+        row_mask = full_mask if full_mask is None else take(full_mask)
         first_step = prompt_hidden is None and need_hidden
-        output = backbone(row_canvas, row_mask, output_hidden_states=first_step)
+        block_logits, hidden_states = block_logits_of(
+            plan, rows, row_canvas, row_mask, take(block_index), output_hidden_states=first_step
+        )
         if first_step:  # the first step runs on every row
-            prompt_hidden = _pool_prompt(output.hidden_states[:, :prompt_length], prompt_mask)
+            prompt_hidden = _pool_prompt(hidden_states[:, :prompt_length], prompt_mask)
             if threshold_fn is not None:
                 row_threshold = torch.as_tensor(threshold_fn(prompt_hidden), dtype=torch.float32, device=device)
                 if row_threshold.numel() != batch_size:
@@ -394,14 +379,9 @@ def diffusion_generate(
                 row_threshold = row_threshold.reshape(batch_size).detach()
                 _check_threshold(row_threshold, sampler)
 
-        def take(tensor, rows=rows):
-            return tensor if rows is None else tensor[rows]
-
         row_nfe = take(nfe) + 1
         row_block = take(block_index)
         positions = prompt_length + row_block[:, None] * block_length + offsets  # (rows, block) canvas positions
-        # advanced indexing copies only the (rows, block, vocab) slab (faster than a gather with an expanded index)
-        block_logits = output.logits[row_arange[: positions.shape[0], None], positions]
         block_tokens = row_canvas.gather(1, positions)
         candidates = block_tokens == mask_id
 

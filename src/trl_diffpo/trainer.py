@@ -337,6 +337,8 @@ class DiffpoTrainer(GRPOTrainer):
                 stop_at_eos=args.stop_at_eos,
                 return_prompt_hidden=self.sampler_head_callback is not None,
                 synced_gpus=synced_gpus,
+                cache=args.rollout_cache,
+                cache_refresh=args.rollout_cache_refresh,
             )
         self._last_rollout = _Rollout(prompt_mask=prompt_mask, output=rollout)
         # TRL's completions end at the first EOS (any of the model's EOS ids); the canvas stays in the trace.

@@ -29,6 +29,7 @@ from .layers import (
     RMSNorm,
     apply_rotary,
     attention_function,
+    cached_key_value,
     check_trunk_inputs,
     run_bidirectional_layers,
     special_token_generation_config,
@@ -135,6 +136,7 @@ class DreamAttention(nn.Module):
         value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         cos, sin = (table.to(query.dtype) for table in position_embeddings)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        key, value = cached_key_value(kwargs, key, value, self.layer_idx)
         attention = attention_function(self.config)
         output, _ = attention(
             self,

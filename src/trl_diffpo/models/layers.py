@@ -176,10 +176,33 @@ class NoAutoregressiveGenerationMixin:
         )
 
 
+def keep_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of ``hidden_states`` ``(batch, seq_len, hidden)`` whose logits are wanted, before the output
+    layer (transformers' ``logits_to_keep`` convention): an ``int`` keeps the last that many (``0``: all), a 1-D
+    tensor the same positions of every row, a 2-D ``(batch, k)`` integer tensor per-row positions."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() == 2:
+            index = logits_to_keep.to(hidden_states.device)[..., None].expand(-1, -1, hidden_states.shape[-1])
+            return hidden_states.gather(1, index)
+        return hidden_states[:, logits_to_keep.to(hidden_states.device)]
+    return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+
+
+def cached_key_value(kwargs: dict, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+    """Keys/values to attend to: ``cache.update(key, value, layer_idx)`` when a ``cache`` (a
+    :class:`trl_diffpo.kv_cache.CanvasKVCache`, for cached block decoding) is passed, else the layer's own."""
+    cache = kwargs.get("cache")
+    return (key, value) if cache is None else cache.update(key, value, layer_idx)
+
+
 class MaskedLMHeadMixin:
     """``forward`` of the LM classes: run the trunk ``self.model`` and project its last hidden state with
     :meth:`output_logits` (each class defines how). Returns a ``MaskedLMOutput`` (or its tuple with
-    ``return_dict=False``); ``labels`` are refused (see :func:`refuse_labels`)."""
+    ``return_dict=False``); ``labels`` are refused (see :func:`refuse_labels`). ``logits_to_keep`` selects the
+    positions projected (see :func:`keep_positions`); a ``cache`` (:class:`trl_diffpo.kv_cache.CanvasKVCache`) lets
+    cached block decoding record or reuse the keys/values of every layer."""
+
+    supports_canvas_kv_cache = True
 
     def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -194,9 +217,11 @@ class MaskedLMHeadMixin:
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MaskedLMOutput:
-        """Logits ``(batch, seq_len, vocab)`` from :meth:`output_logits`; the arguments are the trunk's."""
+        """Logits ``(batch, kept, vocab)`` from :meth:`output_logits` at the ``logits_to_keep`` positions (all by
+        default); the other arguments are the trunk's."""
         refuse_labels(labels)
         outputs = self.model(
             input_ids=input_ids,
@@ -207,16 +232,18 @@ class MaskedLMHeadMixin:
             use_cache=use_cache,
             **kwargs,
         )
-        output = MaskedLMOutput(
-            logits=self.output_logits(outputs.last_hidden_state), hidden_states=outputs.hidden_states
-        )
+        kept = keep_positions(outputs.last_hidden_state, logits_to_keep)
+        output = MaskedLMOutput(logits=self.output_logits(kept), hidden_states=outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
 
 
 def check_trunk_inputs(name: str, input_ids, inputs_embeds, use_cache: bool | None) -> None:
-    """Refuse a KV cache (there is none) and require exactly one of ``input_ids`` / ``inputs_embeds``."""
+    """Refuse an autoregressive KV cache and require exactly one of ``input_ids`` / ``inputs_embeds``."""
     if use_cache:
-        raise ValueError(f"{name} is a bidirectional diffusion model and has no KV cache: pass use_cache=False.")
+        raise ValueError(
+            f"{name} is a bidirectional diffusion model and has no KV cache for autoregressive decoding: pass "
+            "use_cache=False (cached block decoding passes a trl_diffpo.kv_cache.CanvasKVCache as `cache=` instead)."
+        )
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
 

@@ -30,6 +30,7 @@ from .layers import (
     RMSNorm,
     apply_rotary,
     attention_function,
+    cached_key_value,
     check_trunk_inputs,
     run_bidirectional_layers,
     special_token_generation_config,
@@ -217,6 +218,7 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         else:
             cos, sin = cos.to(value.dtype), sin.to(value.dtype)
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        key, value = cached_key_value(kwargs, key, value, self.layer_idx)
 
         attention = attention_function(self.config)
         output, _ = attention(
