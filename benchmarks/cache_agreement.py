@@ -17,7 +17,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trl_diffpo.evaluation as evaluation
+import trl_diffpo.evaluation.runner as evaluation  # the module whose diffusion_generate evaluate() calls
 from trl_diffpo.block_logits import CACHE_MODES
 from trl_diffpo.demo import DemoSettings, build_sudoku_data
 from trl_diffpo.evaluation import SamplerSetting, evaluate

@@ -3,7 +3,7 @@
 # one H100/H200-class GPU, installation included. Random bf16 weights at LLaDA-8B shape; nothing is downloaded.
 #
 #   1. install what the GPU image lacks from .whl/ (prepare it here with `bash ../shared/device/prepare-wheels.sh`);
-#   2. decoding benchmark (benchmarks/bench_generation.py, d1's rollout shape), once per cache mode of CACHE_MODES;
+#   2. decoding benchmark (benchmarks/bench_generation.py, d1's rollout shape), the CACHE_MODES interleaved;
 #   3. one training step configuration (benchmarks/bench_trainer.py: two-stage surrogate + token IS + sampler head,
 #      LoRA r=128, gradient checkpointing) with time per phase and peak memory;
 #   4. the native LLaDA forward in bf16 vs float32: log-prob error (benchmarks/bench_precision.py).
@@ -11,8 +11,8 @@
 # Usage (repository root):
 #   OUT=/some/folder bash benchmarks/gpu_check.sh          # on the GPU machine; results under $OUT (default gpu_check/)
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh       # CPU: the same steps at tiny sizes, no install (tested)
-# Knobs (environment): CACHE_MODES ("none prefix dual" once bench_generation.py has --cache; default: what --help
-# offers), GEN_SAMPLERS (default low_confidence), BUDGET_S (default 450: every step's timeout is cut to what is left).
+# Knobs (environment): CACHE_MODES (default "none prefix dual", run interleaved, ratios to the first),
+# GEN_SAMPLERS (default low_confidence), BUDGET_S (default 450: every step's timeout is cut to what is left).
 # Each step writes <name>.log and its JSON under $OUT; summary.md lists every step with its exit code and time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,21 +76,11 @@ fi
   git rev-parse HEAD 2> /dev/null
 } > "$OUT/environment.txt" 2>&1
 
-# -- 2. decoding, per cache mode ----------------------------------------------------------------------------------
-if [ -z "${CACHE_MODES:-}" ]; then
-  if "$PYTHON" benchmarks/bench_generation.py --help 2> /dev/null | grep -q -- "--cache"; then
-    CACHE_MODES="none prefix dual"
-  else
-    CACHE_MODES="default"  # bench_generation.py has no --cache yet: one run without the flag
-  fi
-fi
+# -- 2. decoding, the cache modes interleaved in one process (ratios to the first) -------------------------------
+read -r -a CACHE_MODE_LIST <<< "${CACHE_MODES:-none prefix dual}"
 read -r -a GEN_SAMPLER_LIST <<< "${GEN_SAMPLERS:-low_confidence}"
-for mode in $CACHE_MODES; do
-  cache_flag=()
-  [ "$mode" != default ] && cache_flag=(--cache "$mode")
-  step "generation_$mode" 150 "$PYTHON" benchmarks/bench_generation.py --device "$DEVICE" "${GEN_SIZE[@]}" \
-    --samplers "${GEN_SAMPLER_LIST[@]}" "${cache_flag[@]}" --json "$OUT/generation_$mode.json"
-done
+step generation 240 "$PYTHON" benchmarks/bench_generation.py --device "$DEVICE" "${GEN_SIZE[@]}" \
+  --samplers "${GEN_SAMPLER_LIST[@]}" --cache "${CACHE_MODE_LIST[@]}" --json "$OUT/generation.json"
 
 # -- 3. one training step configuration ---------------------------------------------------------------------------
 step trainer 200 "$PYTHON" benchmarks/bench_trainer.py --device "$DEVICE" "${TRAINER_SIZE[@]}" \

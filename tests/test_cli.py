@@ -314,7 +314,8 @@ def test_tiny_cpu_config_trains_end_to_end(tmp_path):
     logs = [log for log in trainer.state.log_history if "reward" in log]
     assert len(logs) == trainer.args.max_steps
     # before: the Sudoku smoke run scored 0 on every completion, so no advantage and no real gradient step
-    assert all(log["frac_reward_zero_std"] < 1.0 and log["grad_norm"] > 0 for log in logs)
+    # (a step whose group rewards all tie has no gradient; the run as a whole must take real steps)
+    assert any(log["frac_reward_zero_std"] < 1.0 and log["grad_norm"] > 0 for log in logs)
     # per-function reward time and fallback counts are training metrics (rewards/instrumentation.py)
     assert all(
         log["rewards/countdown_reward/time_s"] >= 0 and log["rewards/countdown_reward/fallbacks"] == 0 for log in logs

@@ -107,6 +107,9 @@ def _add_eos_behaviour(model, tokenizer, prompt_length: int) -> None:
         bias = torch.zeros(input_ids.shape[0], input_ids.shape[1], dtype=output.logits.dtype)
         bias[:, prompt_length - shift : input_ids.shape[1] - shift] = EOS_BIAS
         bias[stops, prompt_length + STOP_POSITION - shift] += STOP_BIAS
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor) and keep.dim() == 2:  # logits of the requested positions only
+            bias = bias.gather(1, keep.to(bias.device))
         logits = output.logits.clone()
         logits[..., eos] += bias
         output.logits = logits

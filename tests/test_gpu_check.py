@@ -33,9 +33,9 @@ def _run(tmp_path, **env):
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_writes_its_results(tmp_path):
     out, steps = _run(tmp_path)
-    assert steps == {"generation_default": "0", "trainer": "0", "precision": "0"}
-    generation = json.loads((out / "generation_default.json").read_text())
-    assert [result["sampler"] for result in generation["results"]] == ["low_confidence"]
+    assert steps == {"generation": "0", "trainer": "0", "precision": "0"}
+    generation = json.loads((out / "generation.json").read_text())  # the cache modes, interleaved in one run
+    assert sorted({result["cache"] for result in generation["cache_results"]}) == ["dual", "none", "prefix"]
     trainer = json.loads((out / "trainer.json").read_text())
     (config,) = trainer["results"]
     assert config["likelihood"] == "two_stage" and config["sampler_head"] and config["finetune"] == "lora"
@@ -48,12 +48,10 @@ def test_dry_run_runs_every_step_and_writes_its_results(tmp_path):
     assert (out / "environment.txt").is_file()
 
 
-def test_spent_budget_skips_steps_and_cache_modes_loop(tmp_path):
-    _, steps = _run(tmp_path, BUDGET_S="0", CACHE_MODES="none prefix dual")
+def test_spent_budget_skips_every_step(tmp_path):
+    _, steps = _run(tmp_path, BUDGET_S="0", CACHE_MODES="none dual")
     assert steps == {
-        "generation_none": "skipped (budget spent)",
-        "generation_prefix": "skipped (budget spent)",
-        "generation_dual": "skipped (budget spent)",
+        "generation": "skipped (budget spent)",
         "trainer": "skipped (budget spent)",
         "precision": "skipped (budget spent)",
     }
