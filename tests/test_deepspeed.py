@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("deepspeed", reason="install the dev extras: pip install -e '.[dev]' (pins deepspeed)")
 
@@ -325,7 +326,10 @@ def test_cli_accelerate_config_zero3_trains_on_two_cpu_processes(tmp_path):
     engine_folder = output_dir / "checkpoint-2" / "global_step2"
     states = torch.load(engine_folder / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
     assert states["ds_config"]["zero_optimization"]["stage"] == 3
-    assert states["ds_config"]["train_batch_size"] == 2 * WORLD_SIZE
+    per_device = yaml.safe_load((ROOT / "examples" / "configs" / "tiny_cpu.yaml").read_text())[
+        "per_device_train_batch_size"
+    ]
+    assert states["ds_config"]["train_batch_size"] == per_device * WORLD_SIZE
     assert sorted(path.name for path in engine_folder.glob("*optim_states.pt")) == [
         f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(WORLD_SIZE)
     ]
