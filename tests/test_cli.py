@@ -337,6 +337,19 @@ def test_missing_local_model_path_and_truncated_checkpoint_are_named(tmp_path, c
     assert f"{checkpoint / 'model.safetensors'} cannot be read" in error and "truncated or corrupt" in error
 
 
+@pytest.mark.parametrize("content", [None, ""])
+def test_missing_or_empty_train_data_file_is_a_one_line_error(tmp_path, capsys, content):
+    """datasets raised a bare StopIteration on an empty JSONL."""
+    data_file = tmp_path / "train.jsonl"
+    if content is not None:
+        data_file.write_text(content)
+    argv = ["--config", str(TINY), "--task", "gsm8k", "--task_kwargs", "{}", "--dataset_train_files", str(data_file)]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    expected = "is empty: it holds no rows" if content is not None else "no such file"
+    error = capsys.readouterr().err
+    assert f"--dataset_train_files {str(data_file)!r}" in error and expected in error
+
+
 def test_progress_line_is_short():
     logs = {f"metric_{index}": float(index) for index in range(50)}
     logs.update({"loss": 0.25, "reward": 0.5, "diffusion/nfe/mean": 12.0, "learning_rate": 1e-3})

@@ -7,7 +7,7 @@ import sys
 
 # how long `trl-diffpo demo` takes, measured (docs/benchmarks.md: 3.2 min idle, 4 min 05 s with scripts/demo.sh's
 # install, 10.8 min with five other jobs on the cores); every place that states it uses these words
-DEMO_DURATION = "about 3 min on an idle 2-core CPU, 4 min with scripts/demo.sh's install, up to 11 min on a busy one"
+DEMO_DURATION = "about 6 min on a 2-core CPU, 7 min with scripts/demo.sh's install, up to 11 min on a busy one"
 
 # subcommand -> (module, function, one-line help); each function takes the remaining argv list and returns an exit code
 SUBCOMMANDS = {

@@ -1,4 +1,4 @@
-"""``trl-diffpo demo``: the offline end-to-end DiFFPO demo on a tiny model (CPU, about 3 min on an idle 2-core CPU).
+"""``trl-diffpo demo``: the offline end-to-end DiFFPO demo on a tiny model (CPU, about 6 min on a 2-core CPU).
 
 What it does, with no download:
 

@@ -12,7 +12,7 @@ import torch
 from ..generation import _check_options as check_decoding_options
 from ..generation import _check_threshold as check_threshold
 from ..scripts.errors import CliError
-from ..scripts.local_files import check_model_source
+from ..scripts.local_files import check_data_files, check_model_source
 from .results import PLOT_FILE, RESULTS_FILE
 from .runner import evaluate
 from .settings import SamplerSetting, parse_sampler_settings
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     settings = parse_sampler_settings(args.samplers)
     check_options(args, settings)
-    if args.data_file and not os.path.isfile(args.data_file):
-        raise CliError(f"--data-file {args.data_file!r}: no such file.")
-    if args.data_file and os.path.getsize(args.data_file) == 0:  # datasets would raise a bare StopIteration
-        raise CliError(f"--data-file {args.data_file!r} is empty: nothing to evaluate.")
+    check_data_files(args.data_file, "--data-file")
     model, tokenizer, head, head_source = _load_for_cli(args)
     if args.use_head and head is not None:
         learned = SamplerSetting(head.config.sampler, learned=True)

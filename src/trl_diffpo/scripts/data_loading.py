@@ -70,6 +70,10 @@ def load_datasets(script_args, training_args, dataset_args, tokenizer=None):
     from datasets import load_dataset
     from trl import get_dataset
 
+    from .local_files import check_data_files
+
+    check_data_files(script_args.dataset_train_files, "--dataset_train_files")
+    check_data_files(script_args.dataset_test_files, "--dataset_test_files")
     want_eval = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     task = None

@@ -63,3 +63,15 @@ def check_resume_checkpoint(resume_from_checkpoint) -> None:
     """:func:`check_safetensors_files` on a ``--resume_from_checkpoint`` folder (flags such as ``true`` pass)."""
     if isinstance(resume_from_checkpoint, (str, os.PathLike)) and Path(resume_from_checkpoint).is_dir():
         check_safetensors_files(resume_from_checkpoint)
+
+
+def check_data_files(files, option: str) -> None:
+    """Raise :class:`CliError` for a local data file that is missing or empty (``datasets`` would raise a bare
+    ``StopIteration`` on an empty JSONL). ``files`` is a path, a list of paths or ``None``; ``option`` names the flag."""
+    if not files:
+        return
+    for path in [files] if isinstance(files, str | os.PathLike) else files:
+        if not os.path.isfile(path):
+            raise CliError(f"{option} {str(path)!r}: no such file.")
+        if os.path.getsize(path) == 0:
+            raise CliError(f"{option} {str(path)!r} is empty: it holds no rows. Give a file with one example a line.")
