@@ -16,8 +16,11 @@ def plot_frontiers(summary: dict[str, Any], path: str, title: str | None = None)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    from ..evaluation.plotting import accuracy_axis_limits
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure, axes = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    percents: list[float] = []  # every plotted accuracy +- its error bar, for the axis
     try:
         for index, row in enumerate(summary["configurations"]):
             color = f"C{index % 10}"
@@ -26,6 +29,7 @@ def plot_frontiers(summary: dict[str, Any], path: str, title: str | None = None)
             y = [100 * point["accuracy"]["mean"] for point in sweep]
             xerr = [point["mean_nfe"]["std"] or 0.0 for point in sweep]
             yerr = [100 * (point["accuracy"]["std"] or 0.0) for point in sweep]
+            percents += [value + sign * err for value, err in zip(y, yerr, strict=True) for sign in (-1, 1)]
             axes.errorbar(
                 x,
                 y,
@@ -51,6 +55,8 @@ def plot_frontiers(summary: dict[str, Any], path: str, title: str | None = None)
                     capsize=2,
                     linestyle="none",
                 )
+        if percents:  # the evaluation plot's axis: never below 0% or above 100%
+            axes.set_ylim(*accuracy_axis_limits(percents))
         axes.set_xlabel("mean NFE (forward passes per sample)")
         axes.set_ylabel("held-out accuracy (%)")
         subtitle = "mean ± std over seeds; star: learned threshold"
