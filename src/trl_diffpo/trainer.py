@@ -426,7 +426,10 @@ class DiffpoTrainer(GRPOTrainer):
         context = self._loss_context
         logps, entropy = self._surrogate(model, context.inputs, context.iteration, batch_size, compute_entropy)
         if context.weight_from_current:
-            weight = self._importance_weights(context.inputs, logps[:, None], context.mode)[:, 0]
+            inputs = context.inputs
+            weight = self._importance_weights(
+                inputs["completion_mask"], inputs[_PREFIX + "behaviour_logps"], logps[:, None], context.mode
+            )[:, 0]
             context.policy_inputs["advantages"] = context.inputs["advantages"][:, None] * _fit(weight, width, 1.0)
         return _fit(logps, width, 0.0), None if entropy is None else _fit(entropy, width, 0.0), None
 
@@ -463,19 +466,21 @@ class DiffpoTrainer(GRPOTrainer):
                         ref = [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
         return (None if old is None else torch.stack(old, dim=1)), (None if ref is None else torch.stack(ref, dim=1))
 
-    def _importance_weights(self, context: dict, surrogate_logps: torch.Tensor, mode: str) -> torch.Tensor:
-        """``(batch, iterations, L)`` clamped IS weights of ``surrogate_logps`` (same shape) against the behaviour
-        log-probs of the rollouts; logs what the correction sees."""
-        gen_length = surrogate_logps.shape[-1]
-        loss_mask = _fit(context["completion_mask"].float(), gen_length, 0.0)[:, None]
-        behaviour = context[_PREFIX + "behaviour_logps"][:, None, :]
+    def _importance_weights(
+        self, completion_mask: torch.Tensor, behaviour_logps: torch.Tensor, surrogate_logps: torch.Tensor, mode: str
+    ) -> torch.Tensor:
+        """``(batch, iterations, L)`` clamped IS weights of ``surrogate_logps`` (same shape) against the rollouts'
+        ``(batch, L)`` behaviour log-probs, counting TRL's ``completion_mask``; logs what the correction sees."""
+        loss_mask = _fit(completion_mask.float(), surrogate_logps.shape[-1], 0.0)[:, None]
+        behaviour = behaviour_logps[:, None, :]
         weight = importance_weights(surrogate_logps, behaviour, loss_mask, self.args.is_correction, self.args.is_clamp)
-        metrics = importance_weight_metrics(
-            weight, surrogate_logps.detach() - behaviour, loss_mask, self.args.is_clamp, self.accelerator.gather
-        )
+        gap = surrogate_logps.detach() - behaviour
+        self._log(mode, importance_weight_metrics(weight, gap, loss_mask, self.args.is_clamp, self.accelerator.gather))
+        return weight
+
+    def _log(self, mode: str, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
-        return weight
 
     # ---------------------------------------------------------------------------------------------- the batch
 
@@ -529,13 +534,14 @@ class DiffpoTrainer(GRPOTrainer):
                 context[_PREFIX + "ref_logps"] = ref_logps
             if old_logps is not None:
                 context[_PREFIX + "old_logps"] = old_logps
-                context[_PREFIX + "is_weight"] = self._importance_weights({**output, **context}, old_logps, mode)
+                context[_PREFIX + "is_weight"] = self._importance_weights(
+                    output["completion_mask"], trace.logprobs, old_logps, mode
+                )
 
         if self.sampler_head_callback is not None:
             context[_PREFIX + "sampler_advantages"] = self._sampler_advantages(trace, len(inputs), mode)
 
-        for name, value in rollout_metrics(trace, draws, self.accelerator.gather).items():
-            self._metrics[mode][name].append(value)
+        self._log(mode, rollout_metrics(trace, draws, self.accelerator.gather))
         output.update(context)
         return output
 
