@@ -89,6 +89,7 @@ LIKELIHOODS = ("mean_field", "two_stage")
 SAMPLERS = ("low_confidence", "entropy_bounded")
 FINETUNE_MODES = ("lora", "full")
 HEAD_MODES = ("off", "on", "sampler_only")  # "on": joint training of model and head
+ROLLOUT_CACHES = ("none", "prefix", "dual")
 LORA_RANKS = {"tiny": 8, "small": 32, "llada8b": 128}
 LORA_ALPHA = 64  # d1's LoRA alpha for r=128
 TINY_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -305,23 +306,27 @@ class BenchConfig:
     finetune: str
     is_correction: str = "token"
     head_mode: str = "joint"
+    rollout_cache: str = "none"
 
     @property
     def name(self) -> str:
         head = ("+head" if self.head_mode == "joint" else f"+head({self.head_mode})") if self.sampler_head else ""
-        return f"{self.likelihood}/{self.is_correction}-IS/{self.sampler}{head}/{self.finetune}"
+        cache = "" if self.rollout_cache == "none" else f"/cache={self.rollout_cache}"
+        return f"{self.likelihood}/{self.is_correction}-IS/{self.sampler}{head}/{self.finetune}{cache}"
 
 
 def config_matrix(args) -> list[BenchConfig]:
     """Every requested combination; the sampler head only with the adaptive sampler (it learns its threshold)."""
     configs = []
-    for likelihood, sampler, head, finetune in itertools.product(
-        args.likelihoods, args.samplers, args.head, args.finetune
+    for likelihood, sampler, head, finetune, cache in itertools.product(
+        args.likelihoods, args.samplers, args.head, args.finetune, args.rollout_cache
     ):
         if head != "off" and sampler == "low_confidence":
             continue
         head_mode = "sampler_only" if head == "sampler_only" else "joint"
-        configs.append(BenchConfig(likelihood, sampler, head != "off", finetune, head_mode=head_mode))
+        configs.append(
+            BenchConfig(likelihood, sampler, head != "off", finetune, head_mode=head_mode, rollout_cache=cache)
+        )
     return configs
 
 
@@ -361,6 +366,8 @@ def build_trainer(config: BenchConfig, args, device: torch.device, dtype: torch.
         threshold=eb_threshold if config.sampler == "entropy_bounded" else None,
         likelihood=config.likelihood,
         is_correction=config.is_correction,
+        rollout_cache=config.rollout_cache,
+        rollout_cache_refresh=args.rollout_cache_refresh,
         mask_token_id=model.config.mask_token_id,
         beta=args.beta,
         learning_rate=1e-5,
@@ -394,16 +401,31 @@ def build_trainer(config: BenchConfig, args, device: torch.device, dtype: torch.
     return trainer
 
 
-def summarise(steps: list[dict]) -> dict:
+def summarise(steps: list[dict], skip_first: bool = True) -> dict:
     """Median seconds per phase over the measured steps (all but the first when there are several): the median
     keeps a step disturbed by another job on a shared machine from moving the figure; every step is in the JSON."""
-    measured = steps[1:] if len(steps) > 1 else steps
+    measured = steps[1:] if skip_first and len(steps) > 1 else steps
     summary = {phase: statistics.median(step[phase] for step in measured) for phase in PHASES}
     peaks = {key for step in steps for key in step if key.startswith("peak_mib/")}
     for key in sorted(peaks):
         summary[key] = max(step.get(key, 0.0) for step in steps)
     summary["measured_steps"] = len(measured)
     return summary
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One result per configuration from its interleaved rounds: phases are the median over every measured step of
+    every round (each round's first step excluded, as in :func:`summarise`), logged metrics the mean over rounds."""
+    if len(runs) == 1 or any("error" in run for run in runs):
+        return runs[0] if len(runs) == 1 else next(run for run in runs if "error" in run)
+    measured = [step for run in runs for step in (run["steps"][1:] if len(run["steps"]) > 1 else run["steps"])]
+    merged = {**runs[-1], "rounds": len(runs), "steps": [step for run in runs for step in run["steps"]]}
+    merged["phases"] = summarise(measured, skip_first=False) if measured else runs[-1]["phases"]
+    for key, value in runs[-1].items():
+        if key.startswith(("diffusion/", "diffpo/")) and value is not None:
+            values = [run[key] for run in runs if run.get(key) is not None]
+            merged[key] = sum(values) / len(values)
+    return merged
 
 
 def logged_mean(trainer, key: str) -> float | None:
@@ -434,6 +456,8 @@ def run_config(config: BenchConfig, args, device: torch.device, dtype: torch.dty
             "diffusion/nfe/mean",
             "diffusion/tokens_per_step",
             "diffpo/is_weight/mean",
+            "diffpo/is_weight/clamped_frac",
+            "diffpo/logp_gap/mean",
             "diffpo/surrogate_forwards",
         ):
             result[metric] = logged_mean(trainer, metric)
@@ -502,6 +526,21 @@ def parse_args(argv=None):
         help="SamplerHeadCallback: off, on (joint) or sampler_only (frozen dLLM)",
     )
     parser.add_argument("--finetune", nargs="+", default=list(FINETUNE_MODES), choices=FINETUNE_MODES)
+    parser.add_argument(
+        "--rollout-cache",
+        nargs="+",
+        default=["none"],
+        choices=ROLLOUT_CACHES,
+        help="DiffpoConfig.rollout_cache modes to compare (each is one more configuration of the matrix)",
+    )
+    parser.add_argument("--rollout-cache-refresh", type=int, default=None, help="DiffpoConfig.rollout_cache_refresh")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole matrix this many times, interleaved (config A, B, A, B, ...); the summary is the median "
+        "over every measured step of every round (each round's first step is its warm-up)",
+    )
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank; default 8 / 32 / 128 by size")
     add_run_arguments(
         parser,
@@ -532,11 +571,14 @@ def main(argv=None) -> dict:
         "transformers": transformers.__version__,
     }
     print("# " + " ".join(f"{key}={value}" for key, value in header.items()), flush=True)
-    results = []
-    for config in config_matrix(args):
-        start = time.perf_counter()
-        results.append(run_config(config, args, device, dtype))
-        print(f"# done: {config.name} ({time.perf_counter() - start:.1f} s)", flush=True)
+    configs = config_matrix(args)
+    rounds: dict[str, list[dict]] = {config.name: [] for config in configs}
+    for round_index in range(args.rounds):
+        for config in configs:
+            start = time.perf_counter()
+            rounds[config.name].append(run_config(config, args, device, dtype))
+            print(f"# done: {config.name}, round {round_index + 1} ({time.perf_counter() - start:.1f} s)", flush=True)
+    results = [merge_rounds(runs) for runs in rounds.values()]
     print(markdown_table(results, device))
     report = {"args": vars(args), "environment": header, "phases": list(PHASES), "results": results}
     if args.output:

@@ -61,6 +61,37 @@ def test_tiny_run_writes_every_phase_for_every_configuration(tmp_path):
         assert result["config"] in stdout  # the Markdown table lists it
 
 
+def test_rollout_cache_modes_are_configurations_and_rounds_interleave(tmp_path):
+    """--rollout-cache adds one configuration per mode (the trainer really decodes with it: the dual cache logs a
+    non-zero behaviour/surrogate log-prob gap) and --rounds 2 merges two runs per configuration."""
+    options = ["--max-steps", "2", "--likelihoods", "two_stage", "--finetune", "lora", "--samplers", "low_confidence"]
+    options += ["--head", "off", "--gen-len", "16", "--block", "8", "--rollout-cache", "none", "dual"]
+    report, stdout = run_bench(tmp_path, *options, "--rounds", "2")
+
+    names = [result["config"] for result in report["results"]]
+    assert names == ["two_stage/token-IS/low_confidence/lora", "two_stage/token-IS/low_confidence/lora/cache=dual"]
+    assert [result["rollout_cache"] for result in report["results"]] == ["none", "dual"]
+    for result in report["results"]:
+        assert result["rounds"] == 2 and len(result["steps"]) == 4  # 2 steps x 2 rounds, all kept
+        assert result["phases"]["measured_steps"] == 2  # each round's first step is its warm-up
+        assert result["diffpo/is_weight/clamped_frac"] is not None and result["diffpo/logp_gap/mean"] is not None
+        assert "cache=dual" not in stdout or result["config"] in stdout
+    assert stdout.index("cache=dual, round 1") < stdout.index("lora, round 2")  # interleaved, not one after another
+
+
+def test_merge_rounds_takes_the_median_over_every_measured_step():
+    bench = load_bench_trainer()
+    phases = dict.fromkeys(bench.PHASES, 0.0)
+
+    def run(*step_seconds):
+        return {"config": "c", "steps": [{**phases, "step": s} for s in step_seconds], "diffpo/logp_gap/mean": 0.5}
+
+    merged = bench.merge_rounds([run(9.0, 1.0, 2.0), run(8.0, 3.0, 5.0)])
+    assert merged["phases"]["step"] == 2.5  # median of [1, 2, 3, 5]: warm-ups 9 and 8 dropped
+    assert merged["phases"]["measured_steps"] == 4 and merged["rounds"] == 2 and len(merged["steps"]) == 6
+    assert merged["diffpo/logp_gap/mean"] == 0.5
+
+
 def load_bench_trainer():
     import importlib.util
 
