@@ -11,6 +11,8 @@ from trl_diffpo.demo import (
     RESULTS_FILE,
     DemoSettings,
     check_targets,
+    format_frontier_gain,
+    frontier_gain,
     main,
     parse_settings,
 )
@@ -55,6 +57,32 @@ def test_targets():
     assert not check_targets(rows)["learned_threshold_met"]
 
 
+def _results(*points):
+    """An evaluation results stand-in: ``(accuracy, mean_nfe, learned)`` per setting, the fixed one first."""
+    from types import SimpleNamespace
+
+    settings = [SimpleNamespace(accuracy=a, mean_nfe=n, learned=learned) for a, n, learned in points]
+    return SimpleNamespace(settings=settings)
+
+
+def test_frontier_gain_reads_the_rl_frontier_at_the_warmup_references():
+    # warm-up: fixed 20% @ 16, sweep 22% @ 20 (its best), 15% @ 9; RL: fixed 34% @ 10, 30% @ 5, 38% @ 20, and a
+    # learned point 50% @ 2 that must not enter the fixed-threshold frontier
+    before = _results((0.20, 16.0, False), (0.22, 20.0, False), (0.15, 9.0, False))
+    after = _results((0.34, 10.0, False), (0.50, 2.0, True), (0.30, 5.0, False), (0.38, 20.0, False))
+    gain = frontier_gain(before, after)
+    assert gain["warmup_best_accuracy"] == 0.22 and gain["warmup_best_nfe"] == 20.0
+    assert gain["nfe_to_warmup_best"] == 5.0  # the RL frontier's cheapest point already beats 22%
+    assert gain["warmup_fixed_nfe"] == 16.0
+    assert gain["accuracy_at_warmup_nfe"] == pytest.approx(0.34 + (0.38 - 0.34) * (16 - 10) / (20 - 10))
+    assert "at 5.00 NFE (warm-up: 20.00)" in format_frontier_gain(gain)
+    # an RL model that never reaches the warm-up's best, and a warm-up NFE below the RL frontier's cheapest point
+    worse = _results((0.10, 18.0, False), (0.12, 19.0, False))
+    gain = frontier_gain(before, worse)
+    assert gain["nfe_to_warmup_best"] is None and gain["accuracy_at_warmup_nfe"] is None
+    assert "not reached" in format_frontier_gain(gain)
+
+
 def test_quick_demo_runs_end_to_end_and_reuses_the_warmup(tmp_path, capsys):
     output_dir = tmp_path / "demo"
     assert main(["--quick", "--output-dir", str(output_dir), "--threads", "1"]) == 0
@@ -70,6 +98,8 @@ def test_quick_demo_runs_end_to_end_and_reuses_the_warmup(tmp_path, capsys):
     for row in results["summary"]:
         assert 0 <= row["accuracy"] <= 1 and row["mean_nfe"] >= 1
     assert set(results["targets"]) >= {"accuracy_gain", "nfe_saving", "learned_threshold_met"}
+    assert results["frontier"]["warmup_fixed_nfe"] == results["summary"][0]["mean_nfe"]
+    assert "frontier: the DiFFPO model reaches" in printed
     assert results["warmup"]["cached"] is False
     assert (output_dir / PLOT_FILE).read_bytes()[:8] == PNG_SIGNATURE
     assert len((output_dir / HELD_OUT_FILE).read_text().splitlines()) == results["settings"]["num_held_out"]
