@@ -325,6 +325,20 @@ def test_every_configuration_of_the_shipped_cpu_grid_trains(tmp_path, capsys):
     assert "kl_per_step" in by_name["two-stage + token IS"]
 
 
+def test_shipped_cache_grid_trains_its_second_configuration_with_cached_rollouts(tmp_path):
+    """examples/ablation/sudoku_cache.yaml (issue 14): the same recipe as the CPU grid, with and without the cache."""
+    raw = yaml.safe_load(open(os.path.join(ROOT, "examples/ablation/sudoku_cache.yaml")))
+    main_grid = yaml.safe_load(open(os.path.join(ROOT, "examples/ablation/sudoku_cpu.yaml")))
+    assert raw["base"] == main_grid["base"] and raw["evaluation"] == main_grid["evaluation"]  # runs are comparable
+    raw.update(seeds=[0], output_dir=str(tmp_path / "cache"), base={**TINY_BASE, "rl_steps": 1})
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    by_name = {r["configuration"]["name"]: r for r in load_records(str(tmp_path / "cache"))}
+    assert by_name["two-stage + token IS"]["trainer_config"]["rollout_cache"] == "none"
+    assert by_name["two-stage + token IS, prefix cache"]["trainer_config"]["rollout_cache"] == "prefix"
+
+
 def test_kl_figure_of_a_saved_model(tmp_path, capsys):
     from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model
 

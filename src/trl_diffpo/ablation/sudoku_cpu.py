@@ -152,6 +152,7 @@ def run_configuration(
             name: getattr(trainer.args, name)
             for name in ("likelihood", "num_stages", "is_correction", "is_clamp", "sampler", "threshold")
             + ("diffusion_steps", "p_mask_prompt", "temperature", "num_iterations", "learning_rate", "max_steps")
+            + ("rollout_cache", "rollout_cache_refresh")
         },
         "warmup": warmup_info,
         "training": {"curves": training_curves(rl_info["log_history"]), "seconds": rl_info["rl_seconds"]},
