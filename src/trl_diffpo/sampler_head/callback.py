@@ -1,0 +1,524 @@
+"""The callback that trains the sampler head inside ``DiffpoTrainer``: rollout thresholds, advantages, loss, events."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..backbones import unwrap_model
+from ..samplers import ADAPTIVE_SAMPLERS, ENTROPY_BOUNDED
+from .config import (
+    DEFAULT_THRESHOLD_RANGES,
+    HEAD_ATTRIBUTE,
+    HEAD_CONFIG_NAME,
+    HEAD_WEIGHTS_NAME,
+    MODES,
+    SamplerHeadConfig,
+)
+from .network import SamplerHead
+from .objective import clipped_surrogate, group_relative_sampler_advantages, pearson
+from .persistence import head_state_dict, load_head_weights, load_sampler_head, save_sampler_head
+from .training_hooks import (
+    disable_ddp_unused_parameter_search,
+    exclude_head_from_model_files,
+    hook_head_optimizer_group,
+    hook_head_resume,
+    is_zero3,
+    model_dtype_and_device,
+    model_hidden_size,
+)
+
+logger = logging.getLogger(__name__)
+
+# Threshold batches remembered for the correlation metrics until the next `sampler_advantages` call.
+_MAX_BUFFERED_DRAWS = 1024
+
+
+def _noise_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (stable across processes and Python runs)."""
+    digest = hashlib.sha256("-".join(str(int(part)) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class SamplerHeadCallback(TrainerCallback):
+    """Trains a :class:`SamplerHead` inside ``DiffpoTrainer``: one learned decoding threshold per prompt.
+
+    Modes: ``"joint"`` (the dLLM and the head train on the same rollouts) and ``"sampler_only"`` (the dLLM is frozen,
+    only the head trains). Model-only training is ``DiffpoTrainer`` without this callback (a fixed threshold).
+
+    The trainer drives it through five methods (see ``notes/CONTRACT.md``): :meth:`setup` at the end of its
+    ``__init__``, :meth:`threshold_fn` as ``diffusion_generate(threshold_fn=...)`` for training rollouts,
+    :meth:`sampler_advantages` on the gathered rewards/NFE, :meth:`head_loss` in ``compute_loss``, and
+    :meth:`save_head` in ``save_model``. The callback events save the head into every ``checkpoint-N/``
+    (:meth:`on_save`) and anneal the exploration noise.
+
+    Args:
+        mode: ``"joint"`` or ``"sampler_only"``.
+        nfe_penalty: lambda in the sampler reward ``reward - lambda * nfe / gen_length`` (0: reward only; ties in
+            reward are then not broken in favour of speed).
+        head_config: a :class:`SamplerHeadConfig` or a dict of its fields (``sampler`` and ``input_size`` are filled
+            in from the trainer). Fields can also be given as keyword arguments (``threshold_max=2.0``).
+        scale_advantages: divide the group-centred sampler reward by the group std (+1e-4), as TRL's
+            ``scale_rewards="group"``. Off by default: in a group whose task rewards tie, the std is that of the NFE
+            term alone, so any ``nfe_penalty > 0`` would become a unit-size push to decode faster.
+        head_learning_rate: learning rate of the head's own optimizer parameter group (no weight decay; it follows
+            the run's LR schedule). The dLLM's learning rate (e.g. 3e-6 for LoRA on LLaDA) would barely move the head.
+            ``None`` leaves the head in the trainer's groups at the run's learning rate.
+        head_loss_weight: factor on the head's loss before the trainer adds it to the policy loss. The run's
+            gradient-norm clipping (``max_grad_norm``) acts on the dLLM and the head together, and the head's raw
+            REINFORCE gradient (which scales like ``1 / sigma``) can be larger than the dLLM's: at weight 1 it would
+            silently shrink the dLLM's updates. Adam-type optimizers are invariant to this factor for the head's own
+            step (``head_learning_rate`` sets that), so the default 0.01 only keeps the head out of the clipping.
+            The logged ``loss`` metric is the unweighted loss.
+        head_clip_epsilon: PPO clipping of the head's update: the loss is
+            ``-mean(min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i))`` with ``rho_i`` the ratio of the head's
+            current density of ``u_i`` to the density of the head that drew it (a frozen copy taken when the rollouts
+            are drawn). Its gradient equals REINFORCE's on the first pass over a batch and stops the head from
+            drifting further once it has moved ``eps`` away on the later passes (TRL's ``num_iterations > 1``).
+            ``None``: plain REINFORCE ``-mean(A_i log N(u_i; mu, sigma^2))``.
+        pretrained_head: a folder or Hub id of a saved head to start from (e.g. ``sampler_only`` after ``joint``).
+        seed: seed of the exploration noise (default: the trainer's ``args.seed``). The noise of each threshold draw is
+            derived from ``(seed, process index, global step, draw index)``: a resumed run draws what the
+            uninterrupted run would have drawn.
+        head_kwargs: :class:`SamplerHeadConfig` fields.
+    """
+
+    is_sampler_head_callback = True
+
+    def __init__(
+        self,
+        mode: str = "joint",
+        nfe_penalty: float = 0.0,
+        head_config: SamplerHeadConfig | dict | None = None,
+        *,
+        scale_advantages: bool = False,
+        head_learning_rate: float | None = 1e-3,
+        head_loss_weight: float = 0.01,
+        head_clip_epsilon: float | None = 0.2,
+        pretrained_head: str | os.PathLike | None = None,
+        seed: int | None = None,
+        **head_kwargs,
+    ):
+        if mode not in MODES:
+            raise ValueError(
+                f"SamplerHeadCallback(mode={mode!r}): choose 'joint' (model and head train) or 'sampler_only' (model "
+                "frozen); for model-only training with a fixed threshold, do not add the callback."
+            )
+        if not (math.isfinite(nfe_penalty) and nfe_penalty >= 0):
+            raise ValueError(f"nfe_penalty must be a finite number >= 0, got {nfe_penalty}.")
+        if head_learning_rate is not None and not (math.isfinite(head_learning_rate) and head_learning_rate > 0):
+            raise ValueError(f"head_learning_rate must be a number > 0 or None, got {head_learning_rate}.")
+        if not (math.isfinite(head_loss_weight) and head_loss_weight > 0):
+            raise ValueError(f"head_loss_weight must be a finite number > 0, got {head_loss_weight}.")
+        if head_clip_epsilon is not None and not (math.isfinite(head_clip_epsilon) and 0 < head_clip_epsilon < 1):
+            raise ValueError(f"head_clip_epsilon must be in (0, 1) or None, got {head_clip_epsilon}.")
+        if isinstance(head_config, SamplerHeadConfig):
+            head_config = head_config.to_dict()
+        overrides = dict(head_config or {})
+        overrides.update(head_kwargs)
+        unknown = sorted(set(overrides) - {f.name for f in fields(SamplerHeadConfig)})
+        if unknown:
+            raise TypeError(f"SamplerHeadCallback got unknown head options {unknown}; see SamplerHeadConfig.")
+        self.mode = mode
+        self.nfe_penalty = float(nfe_penalty)
+        self.scale_advantages = bool(scale_advantages)
+        self.head_learning_rate = head_learning_rate
+        self.head_loss_weight = float(head_loss_weight)
+        self.head_clip_epsilon = head_clip_epsilon
+        self.pretrained_head = pretrained_head
+        self.seed = seed
+        self.head_overrides = overrides
+        self.head: SamplerHead | None = None
+        self.trainer = None
+        self.process_index = 0
+        self.restored_from: str | None = None  # checkpoint the head weights were restored from on resume
+        self.fallback_counts: dict[str, int] = {}
+        self._noise_step = -1
+        self._noise_draws = 0
+        self._drawn_thresholds: list[torch.Tensor] = []
+        self._behaviour_head: SamplerHead | None = None  # frozen copy of the head that drew the current rollouts
+        self._behaviour_sigma: float | None = None
+        self._scored_since_snapshot = True
+
+    # -- building the head -------------------------------------------------------------------------------------------
+
+    def init_head(
+        self,
+        input_size: int,
+        sampler: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        default_threshold: float | None = None,
+    ) -> SamplerHead:
+        """Build (or load, with ``pretrained_head``) the head without a trainer; :meth:`setup` calls this.
+
+        ``default_threshold`` (the trainer's fixed ``DiffpoConfig.threshold``) is where the head starts when the head
+        config sets no ``init_threshold``; an entropy bound above the default range widens ``threshold_max`` to twice
+        it (unless ``threshold_max`` is set), so the head starts from the model-only setting and can move both ways.
+        """
+        options = dict(self.head_overrides)
+        requested = options.pop("sampler", None)
+        sampler = sampler or requested or ENTROPY_BOUNDED
+        if requested is not None and requested != sampler:
+            raise ValueError(
+                f"The head config asks for sampler {requested!r} but the trainer decodes with {sampler!r}: the head "
+                "sets the threshold of the trainer's sampler; drop `sampler` from the head config."
+            )
+        if default_threshold is not None and math.isfinite(default_threshold) and "init_threshold" not in options:
+            low, high, _ = DEFAULT_THRESHOLD_RANGES[sampler]
+            low, high = options.get("threshold_min", low), options.get("threshold_max", high)
+            if sampler == ENTROPY_BOUNDED and "threshold_max" not in options and default_threshold >= high:
+                high = options["threshold_max"] = 2.0 * default_threshold
+            if low < default_threshold < high:
+                options["init_threshold"] = float(default_threshold)
+        options.setdefault("input_size", input_size)
+        if options["input_size"] != input_size:
+            raise ValueError(f"head input_size={options['input_size']} but the backbone hidden size is {input_size}.")
+        config = SamplerHeadConfig(sampler=sampler, **options)
+        if self.pretrained_head is not None:
+            head = load_sampler_head(self.pretrained_head)
+            if not head.config.same_head_shape(config):
+                raise ValueError(
+                    f"pretrained_head={self.pretrained_head!r} has config {head.config.to_dict()}, which does not match "
+                    f"{config.to_dict()} (sampler, input_size, mlp_hidden_size, threshold range must agree)."
+                )
+            head.config = config  # keep the requested exploration settings
+        else:
+            head = SamplerHead(config)
+        self.head = head.to(dtype=dtype, device=device or "cpu").train()
+        self.head.exploration_sigma = config.sigma
+        return self.head
+
+    def setup(self, trainer) -> None:
+        """Build the head for ``trainer``'s backbone and attach it as ``trainer.model.diffpo_sampler_head``.
+
+        Called by ``DiffpoTrainer`` at the end of its ``__init__`` (before the optimizer and any DeepSpeed engine
+        exist, so the head joins both). Checks that the trainer decodes with an adaptive sampler, creates the head on
+        the backbone's device in float32 (in the backbone's dtype under ZeRO-3), freezes every other parameter in ``sampler_only`` mode, keeps the head's
+        weights out of the model's own ``save_pretrained`` files (they go to ``sampler_head.safetensors``), gives the
+        head its own optimizer parameter group and hooks checkpoint resumption.
+        """
+        args = getattr(trainer, "args", None)
+        sampler = getattr(args, "sampler", None)
+        if sampler not in ADAPTIVE_SAMPLERS:
+            raise ValueError(
+                f"SamplerHeadCallback learns a per-prompt decoding threshold, but the trainer decodes with "
+                f"sampler={sampler!r}, which has no threshold. Set DiffpoConfig(sampler='entropy_bounded') or "
+                "DiffpoConfig(sampler='confidence_threshold'), or remove the callback for model-only training."
+            )
+        model = unwrap_model(trainer.model)
+        get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
+        backbone = get_base() if callable(get_base) else model
+        hidden_size = self.head_overrides.get("input_size") or model_hidden_size(backbone)
+        backbone_dtype, device = model_dtype_and_device(backbone)
+        # float32 by default: in bf16 an Adam step of 1e-3 cannot move a bias near 2.2 (bf16 spacing 0.0156 there).
+        # ZeRO-3 refuses a module of mixed dtypes, so there the head takes the backbone's dtype.
+        dtype = backbone_dtype if is_zero3(trainer) else torch.float32
+        if isinstance(getattr(model, HEAD_ATTRIBUTE, None), nn.Module):
+            logger.warning("The model already carries a %s; SamplerHeadCallback replaces it.", HEAD_ATTRIBUTE)
+        head = self.init_head(
+            hidden_size,
+            sampler=sampler,
+            dtype=dtype,
+            device=device,
+            default_threshold=getattr(args, "threshold", None),
+        )
+        setattr(model, HEAD_ATTRIBUTE, head)  # a submodule: the main optimizer trains it, DDP/ZeRO reduce its grads
+        exclude_head_from_model_files(model, head)
+        if self.mode == "sampler_only":
+            frozen = 0
+            for name, parameter in model.named_parameters():
+                if not name.startswith(HEAD_ATTRIBUTE + ".") and parameter.requires_grad:
+                    parameter.requires_grad_(False)
+                    frozen += parameter.numel()
+            logger.info("sampler_only: froze %d dLLM parameters; only the sampler head trains.", frozen)
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+
+        self.trainer = trainer
+        self.seed = int(getattr(args, "seed", 0) if self.seed is None else self.seed)
+        accelerator = getattr(trainer, "accelerator", None)
+        self.process_index = int(getattr(accelerator, "process_index", 0) or 0)
+        hook_head_optimizer_group(trainer, head, self.head_learning_rate)
+        hook_head_resume(trainer, self.restore_head)
+        disable_ddp_unused_parameter_search(trainer)
+
+    def restore_head(self, checkpoint_folder: str | os.PathLike) -> bool:
+        """Load the head's weights from ``checkpoint_folder`` in place; ``False`` (logged, counted) when it has none."""
+        weights_path = os.path.join(checkpoint_folder, HEAD_WEIGHTS_NAME)
+        config_path = os.path.join(checkpoint_folder, HEAD_CONFIG_NAME)
+        if not (os.path.isfile(weights_path) and os.path.isfile(config_path)):
+            self._count_fallback("resume_without_head_files")
+            logger.warning(
+                "Resuming from %s, which has no %s: the sampler head keeps its current weights (the checkpoint was "
+                "written without a SamplerHeadCallback).",
+                checkpoint_folder,
+                HEAD_WEIGHTS_NAME,
+            )
+            return False
+        saved = load_sampler_head(checkpoint_folder)
+        if not saved.config.same_head_shape(self.head.config):
+            raise ValueError(
+                f"The sampler head in {checkpoint_folder} ({saved.config.to_dict()}) does not match the callback's "
+                f"head ({self.head.config.to_dict()}): resume with the same sampler, range and head size."
+            )
+        load_head_weights(self.head, saved.state_dict(), source=weights_path)
+        self.restored_from = os.fspath(checkpoint_folder)
+        logger.info("Restored the sampler head from %s.", checkpoint_folder)
+        return True
+
+    def resume_state(self) -> dict[str, Any]:
+        """Rollout-time state a checkpoint needs for an exact resume (see :mod:`trl_diffpo.checkpointing`): the frozen
+        behaviour head of the PPO ratio (inside a generation cycle the next steps score the buffered rows against it)
+        and the fallback counters. The noise draws need nothing: they are derived from the global step."""
+        behaviour = self._behaviour_head
+        return {
+            "behaviour_head": None if behaviour is None else head_state_dict(behaviour),
+            "behaviour_sigma": self._behaviour_sigma,
+            "scored_since_snapshot": self._scored_since_snapshot,
+            "fallback_counts": dict(self.fallback_counts),
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`resume_state` (after the head itself exists)."""
+        head = self._require_head()
+        if state["behaviour_head"] is not None:
+            snapshot = SamplerHead(head.config).to(head.dtype)
+            load_head_weights(snapshot, state["behaviour_head"], source="the checkpoint's behaviour head")
+            self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
+        self._behaviour_sigma = state["behaviour_sigma"]
+        self._scored_since_snapshot = bool(state["scored_since_snapshot"])
+        self.fallback_counts = dict(state["fallback_counts"])
+
+    def _count_fallback(self, name: str) -> None:
+        self.fallback_counts[name] = self.fallback_counts.get(name, 0) + 1
+
+    # -- rollouts ----------------------------------------------------------------------------------------------------
+
+    def _require_head(self) -> SamplerHead:
+        if self.head is None:
+            raise RuntimeError(
+                "The SamplerHeadCallback has no head yet: DiffpoTrainer calls `setup(trainer)` in its __init__ "
+                "(or call `init_head(hidden_size)` when using the callback by hand)."
+            )
+        return self.head
+
+    def _global_step(self) -> int:
+        state = getattr(self.trainer, "state", None)
+        return int(getattr(state, "global_step", 0) or 0)
+
+    def _training(self) -> bool:
+        model = getattr(self.trainer, "model", None)
+        return True if model is None else bool(model.training)
+
+    def threshold_fn(self, prompt_hidden: torch.Tensor) -> torch.Tensor:
+        """``(batch,)`` float32 per-row thresholds for ``diffusion_generate(threshold_fn=...)`` (no gradient).
+
+        In training, each row draws its own threshold ``u ~ N(mu(c), sigma^2)``; when the trainer's model is in eval
+        mode the deterministic :meth:`SamplerHead.predict_threshold` is used instead.
+        """
+        head = self._require_head()
+        if not self._training():
+            return head.predict_threshold(prompt_hidden)
+        step = self._global_step()
+        if step != self._noise_step:
+            self._noise_step, self._noise_draws = step, 0
+        generator = torch.Generator().manual_seed(
+            _noise_seed(self.seed or 0, self.process_index, step, self._noise_draws)
+        )
+        self._noise_draws += 1
+        if self._scored_since_snapshot or self._behaviour_head is None:
+            self._snapshot_behaviour_head()
+        threshold = head.sample(prompt_hidden, generator=generator)
+        self._drawn_thresholds.append(threshold.detach().float().cpu())
+        del self._drawn_thresholds[:-_MAX_BUFFERED_DRAWS]  # used outside a trainer: keep the buffer bounded
+        return threshold
+
+    def _snapshot_behaviour_head(self) -> None:
+        """Freeze a copy of the head as it is when rollouts are drawn (the behaviour policy of the PPO ratio).
+
+        Taken at the first draw after the head was last scored: the head only changes through :meth:`head_loss` and
+        an optimizer step, so every draw until then comes from the same policy.
+        """
+        if self.head_clip_epsilon is None:
+            return
+        head = self.head
+        snapshot = SamplerHead(head.config).to(head.dtype)
+        load_head_weights(snapshot, head_state_dict(head), source="the live sampler head")
+        self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
+        self._behaviour_sigma = head.exploration_sigma
+        self._scored_since_snapshot = False
+
+    def sampler_advantages(
+        self, rewards: torch.Tensor, nfe: torch.Tensor, gen_length: int, num_generations: int
+    ) -> torch.Tensor:
+        """Group-relative advantage of the sampler reward ``reward - nfe_penalty * nfe / gen_length``.
+
+        Args:
+            rewards: ``(N,)`` rewards of all rollouts (gathered across processes, groups of ``num_generations``
+                consecutive rows as in TRL); NaN rows (unscorable) get advantage 0 and do not enter the baseline.
+            nfe: ``(N,)`` forward passes of each rollout.
+            gen_length: completion length (normalises NFE to "forward passes per token").
+            num_generations: G, the group size.
+
+        Returns:
+            ``(N,)`` float32 advantages: group mean subtracted, divided by the group std + 1e-4 when
+            ``scale_advantages``.
+        """
+        rewards = torch.as_tensor(rewards).float().flatten()
+        nfe = torch.as_tensor(nfe).to(rewards.device).float().flatten()
+        advantages, sampler_reward = group_relative_sampler_advantages(
+            rewards, nfe, gen_length, num_generations, self.nfe_penalty, self.scale_advantages
+        )
+        self._log_rollout_metrics(rewards, nfe, sampler_reward)
+        return advantages
+
+    def _log_rollout_metrics(self, rewards: torch.Tensor, nfe: torch.Tensor, sampler_reward: torch.Tensor) -> None:
+        """Correlation of the drawn thresholds with reward and NFE (on this process's rows), via ``trainer._metrics``."""
+        drawn = torch.cat(self._drawn_thresholds) if self._drawn_thresholds else torch.empty(0)
+        self._drawn_thresholds = []
+        metrics = {"sampler_reward": float(torch.nanmean(sampler_reward))}
+        total, local = rewards.numel(), drawn.numel()
+        if local and total % local == 0 and (self.process_index + 1) * local <= total:
+            rows = (
+                slice(self.process_index * local, (self.process_index + 1) * local) if local != total else slice(None)
+            )
+            for name, values in (("reward", rewards[rows]), ("nfe", nfe[rows])):
+                correlation = pearson(drawn, values.cpu())
+                if correlation is not None:
+                    metrics[f"corr_threshold_{name}"] = correlation
+        elif local:
+            self._count_fallback("correlation_rows_mismatch")
+            logger.debug(
+                "sampler head: %d drawn thresholds for %d rewards; correlation metrics skipped.", local, total
+            )
+        self.log_metrics(metrics)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Append ``metrics`` to the trainer's metric store under ``sampler_head/<name>`` (no-op without trainer)."""
+        store = getattr(self.trainer, "_metrics", None)
+        if not isinstance(store, dict):
+            return
+        mode = "train" if self._training() else "eval"
+        if mode not in store:
+            return
+        for name, value in metrics.items():
+            store[mode][f"sampler_head/{name}"].append(float(value))
+
+    # -- the head's loss ---------------------------------------------------------------------------------------------
+
+    def head_loss(
+        self, prompt_hidden: torch.Tensor, threshold: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Policy-gradient loss of the head on a (micro-)batch's rows, times ``head_loss_weight``.
+
+        With ``head_clip_epsilon`` (default) the PPO-clipped ``-mean(min(rho_i A_i, clip(rho_i, 1-eps, 1+eps) A_i))``,
+        ``rho_i = N(u_i; mu(c_i), sigma^2) / N(u_i; mu_old(c_i), sigma_old^2)`` against the head that drew the rows;
+        otherwise (or when no draw was seen, e.g. the first batch after a resume; counted) REINFORCE
+        ``-mean(A_i * log N(u_i; mu(c_i), sigma^2))``. Both have the same gradient while the head has not moved.
+
+        Args:
+            prompt_hidden: ``(b, hidden)`` pooled prompt hidden states the rows were decoded with (detached here).
+            threshold: ``(b,)`` thresholds the rows were decoded with (from :meth:`threshold_fn`).
+            advantages: ``(b,)`` from :meth:`sampler_advantages` (detached here).
+
+        Returns:
+            ``(loss, metrics)``: a float32 scalar with gradient into the head only, and floats ``loss``
+            (unweighted), ``threshold_mean/std/min/max`` (of the rows), ``predicted_threshold_mean`` (the policy
+            mean), ``sigma`` and, with clipping, ``ratio_mean`` and ``clipped_frac``.
+        """
+        head = self._require_head()
+        threshold = torch.as_tensor(threshold).float().flatten()
+        advantages = torch.as_tensor(advantages).detach().float().flatten()
+        if threshold.numel() != prompt_hidden.shape[0] or advantages.numel() != prompt_hidden.shape[0]:
+            raise ValueError(
+                f"head_loss got {prompt_hidden.shape[0]} prompt rows, {threshold.numel()} thresholds and "
+                f"{advantages.numel()} advantages; they must match."
+            )
+        if prompt_hidden.shape[0] == 0:  # keep every head parameter in the graph (DDP expects gradients)
+            loss = sum(parameter.sum() for parameter in head.parameters()) * 0.0
+            return loss.float(), {"loss": 0.0, "sigma": head.exploration_sigma}
+        self._scored_since_snapshot = True
+        log_prob = head.log_prob(prompt_hidden, threshold)
+        advantages = advantages.to(log_prob.device)
+        extra: dict[str, float] = {}
+        if self.head_clip_epsilon is not None and self._behaviour_head is None:
+            self._count_fallback("head_loss_without_behaviour_head")
+        behaviour = None
+        if self.head_clip_epsilon is not None and self._behaviour_head is not None:
+            with torch.no_grad():
+                behaviour = self._behaviour_head.log_prob(prompt_hidden, threshold, sigma=self._behaviour_sigma)
+        objective, diagnostics = clipped_surrogate(log_prob, behaviour, advantages, self.head_clip_epsilon)
+        unweighted_loss = -objective.mean()
+        if diagnostics:
+            extra = {
+                "ratio_mean": float(diagnostics["ratio"].mean()),
+                "clipped_frac": float(diagnostics["is_clipped"].float().mean()),
+            }
+        with torch.no_grad():
+            predicted = head.predict_threshold(prompt_hidden)
+        metrics = {
+            "loss": float(unweighted_loss.detach()),
+            "threshold_mean": float(threshold.mean()),
+            "threshold_std": float(threshold.std()) if threshold.numel() > 1 else 0.0,
+            "threshold_min": float(threshold.min()),
+            "threshold_max": float(threshold.max()),
+            "predicted_threshold_mean": float(predicted.mean()),
+            "sigma": head.exploration_sigma,
+            **extra,
+        }
+        return self.head_loss_weight * unweighted_loss, metrics
+
+    # -- persistence and callback events -----------------------------------------------------------------------------
+
+    def _should_write(self) -> bool:
+        args = getattr(self.trainer, "args", None)
+        return bool(getattr(args, "should_save", True))
+
+    def save_head(self, output_dir: str | os.PathLike) -> None:
+        """Save the head into ``output_dir`` (``sampler_head.safetensors`` + ``sampler_head_config.json``).
+
+        Called on every process (gathering ZeRO-3 partitions is a collective); only the process that saves writes.
+        """
+        head = self._require_head()
+        state_dict = head_state_dict(head)
+        if self._should_write():
+            save_sampler_head(head, output_dir, state_dict=state_dict)
+
+    def _update_sigma(self, state) -> None:
+        if self.head is not None:
+            self.head.exploration_sigma = self.head.config.sigma_at(state.global_step, state.max_steps)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._update_sigma(state)
+        if state.global_step > 0 and self.restored_from is None:
+            if getattr(self.trainer, "is_deepspeed_enabled", False):
+                logger.info("Resumed under DeepSpeed: the engine checkpoint restored the sampler head.")
+            else:
+                self._count_fallback("resume_without_head_restore")
+                logger.warning(
+                    "Training resumes at step %d but the sampler head was not restored from a checkpoint's %s; it "
+                    "keeps the weights the model was loaded with.",
+                    state.global_step,
+                    HEAD_WEIGHTS_NAME,
+                )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._update_sigma(state)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Write the head into the ``checkpoint-N/`` folder the Trainer just saved."""
+        if self.head is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder) or not self._should_write():
+            self.save_head(folder)
