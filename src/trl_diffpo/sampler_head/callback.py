@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -24,6 +25,7 @@ from .config import (
     MODES,
     SamplerHeadConfig,
 )
+from .decisions import check_decisions, decision_metrics
 from .network import SamplerHead
 from .objective import clipped_surrogate, group_relative_sampler_advantages, pearson
 from .persistence import head_state_dict, load_head_weights, load_sampler_head, save_sampler_head
@@ -343,6 +345,50 @@ class SamplerHeadCallback(TrainerCallback):
         del self._drawn_thresholds[:-_MAX_BUFFERED_DRAWS]  # used outside a trainer: keep the buffer bounded
         return threshold
 
+    @property
+    def state_dependent(self) -> bool:
+        """Whether the head decides a threshold at every denoising step (``features="state"``): the trainer then
+        decodes with ``step_threshold_fn=`` :meth:`step_policy` and passes the recorded decisions to :meth:`head_loss`."""
+        return self.head is not None and self.head.config.state_dependent
+
+    def step_policy(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The ``step_threshold_fn`` of one ``diffusion_generate`` call, for a state-dependent head.
+
+        Call it on every process before decoding: it freezes a local copy of the head (gathering ZeRO-3 partitions,
+        a collective, once), so the per-step decisions issue no collective (ranks make different numbers of them).
+        In training each decision draws ``u ~ N(mu(c, s), sigma^2)``, with noise seeded from ``(seed, process index,
+        global step, draw index)``; when the trainer's model is in eval mode the policy's mean is used.
+        """
+        head = self._require_head()
+        if not head.config.state_dependent:
+            raise ValueError("step_policy needs a state-dependent head (features='state'); use threshold_fn.")
+        if not self._training():
+            return self._frozen_copy(head).predict_threshold
+        step = self._global_step()
+        if step != self._noise_step:
+            self._noise_step, self._noise_draws = step, 0
+        if self._scored_since_snapshot or self._behaviour_head is None:
+            self._snapshot_behaviour_head()
+        # the behaviour snapshot is the head as it is now; without clipping there is none, so copy it
+        policy = self._behaviour_head if self._behaviour_head is not None else self._frozen_copy(head)
+        sigma = head.exploration_sigma
+
+        def draw(prompt_hidden: torch.Tensor, step_features: torch.Tensor) -> torch.Tensor:
+            seed = _noise_seed(self.seed or 0, self.process_index, step, self._noise_draws)
+            self._noise_draws += 1
+            generator = torch.Generator().manual_seed(seed)
+            return policy.sample(prompt_hidden, generator=generator, sigma=sigma, step_features=step_features)
+
+        return draw
+
+    @staticmethod
+    def _frozen_copy(head: SamplerHead) -> SamplerHead:
+        """A plain (never ZeRO-partitioned), gradient-free copy of ``head``'s current weights on its device."""
+        snapshot = SamplerHead(head.config).to(head.dtype)
+        load_head_weights(snapshot, head_state_dict(head), source="the live sampler head")
+        snapshot.exploration_sigma = head.exploration_sigma
+        return snapshot.to(head.device).eval().requires_grad_(False)
+
     def _snapshot_behaviour_head(self) -> None:
         """Freeze a copy of the head as it is when rollouts are drawn (the behaviour policy of the PPO ratio).
 
@@ -352,14 +398,17 @@ class SamplerHeadCallback(TrainerCallback):
         if self.head_clip_epsilon is None:
             return
         head = self.head
-        snapshot = SamplerHead(head.config).to(head.dtype)
-        load_head_weights(snapshot, head_state_dict(head), source="the live sampler head")
-        self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
+        self._behaviour_head = self._frozen_copy(head)
         self._behaviour_sigma = head.exploration_sigma
         self._scored_since_snapshot = False
 
     def sampler_advantages(
-        self, rewards: torch.Tensor, nfe: torch.Tensor, gen_length: int, num_generations: int
+        self,
+        rewards: torch.Tensor,
+        nfe: torch.Tensor,
+        gen_length: int,
+        num_generations: int,
+        row_thresholds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Group-relative advantage of the sampler reward ``reward - nfe_penalty * nfe / gen_length``.
 
@@ -369,6 +418,8 @@ class SamplerHeadCallback(TrainerCallback):
             nfe: ``(N,)`` forward passes of each rollout.
             gen_length: completion length (normalises NFE to "forward passes per token").
             num_generations: G, the group size.
+            row_thresholds: this process's ``(n,)`` per-row thresholds for the correlation metrics (a state head: the
+                rollouts' mean step thresholds); ``None``: the thresholds :meth:`threshold_fn` drew since the last call.
 
         Returns:
             ``(N,)`` float32 advantages: group mean subtracted, divided by the group std + 1e-4 when
@@ -379,12 +430,16 @@ class SamplerHeadCallback(TrainerCallback):
         advantages, sampler_reward = group_relative_sampler_advantages(
             rewards, nfe, gen_length, num_generations, self.nfe_penalty, self.scale_advantages
         )
-        self._log_rollout_metrics(rewards, nfe, sampler_reward)
+        self._log_rollout_metrics(rewards, nfe, sampler_reward, row_thresholds)
         return advantages
 
-    def _log_rollout_metrics(self, rewards: torch.Tensor, nfe: torch.Tensor, sampler_reward: torch.Tensor) -> None:
+    def _log_rollout_metrics(
+        self, rewards: torch.Tensor, nfe: torch.Tensor, sampler_reward: torch.Tensor, row_thresholds=None
+    ) -> None:
         """Correlation of the drawn thresholds with reward and NFE (on this process's rows), via ``trainer._metrics``."""
         drawn = torch.cat(self._drawn_thresholds) if self._drawn_thresholds else torch.empty(0)
+        if row_thresholds is not None:
+            drawn = torch.as_tensor(row_thresholds).detach().float().flatten().cpu()
         self._drawn_thresholds = []
         metrics = {"sampler_reward": float(torch.nanmean(sampler_reward))}
         total, local = rewards.numel(), drawn.numel()
@@ -417,7 +472,13 @@ class SamplerHeadCallback(TrainerCallback):
     # -- the head's loss ---------------------------------------------------------------------------------------------
 
     def head_loss(
-        self, prompt_hidden: torch.Tensor, threshold: torch.Tensor, advantages: torch.Tensor
+        self,
+        prompt_hidden: torch.Tensor,
+        threshold: torch.Tensor,
+        advantages: torch.Tensor,
+        step_features: torch.Tensor | None = None,
+        step_threshold: torch.Tensor | None = None,
+        step_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy-gradient loss of the head on a (micro-)batch's rows, times ``head_loss_weight``.
 
@@ -426,15 +487,24 @@ class SamplerHeadCallback(TrainerCallback):
         otherwise (or when no draw was seen, e.g. the first batch after a resume; counted) REINFORCE
         ``-mean(A_i * log N(u_i; mu(c_i), sigma^2))``. Both have the same gradient while the head has not moved.
 
+        A state-dependent head is scored per decision: ``rho_it`` of each step ``t`` of row ``i`` (its features and
+        threshold as recorded by ``diffusion_generate``), weighted by the row's advantage ``A_i``, averaged over the
+        row's decisions and then over the rows.
+
         Args:
             prompt_hidden: ``(b, hidden)`` pooled prompt hidden states the rows were decoded with (detached here).
-            threshold: ``(b,)`` thresholds the rows were decoded with (from :meth:`threshold_fn`).
+            threshold: ``(b,)`` thresholds the rows were decoded with (from :meth:`threshold_fn`; for a state head
+                the mean of each row's decisions, only checked for its size).
             advantages: ``(b,)`` from :meth:`sampler_advantages` (detached here).
+            step_features, step_threshold, step_valid: a state head's recorded decisions, ``(b, L, F)``, ``(b, L)``
+                and ``(b, L)`` bool (``DiffusionGenerateOutput.step_*``); required for a state head, refused otherwise.
 
         Returns:
             ``(loss, metrics)``: a float32 scalar with gradient into the head only, and floats ``loss``
-            (unweighted), ``threshold_mean/std/min/max`` (of the rows), ``predicted_threshold_mean`` (the policy
-            mean), ``sigma`` and, with clipping, ``ratio_mean`` and ``clipped_frac``.
+            (unweighted), ``threshold_mean/std/min/max`` (of the rows, or of the decisions), ``predicted_threshold_mean``
+            (the policy mean), ``sigma`` and, with clipping, ``ratio_mean`` and ``clipped_frac``. A state head adds
+            ``decisions_per_row``, ``threshold_row_std`` (the spread of a row's thresholds over its steps, averaged)
+            and ``step_weight/<feature>`` (the step layer's weights, in u-space per unit of feature).
         """
         head = self._require_head()
         threshold = torch.as_tensor(threshold).float().flatten()
@@ -444,11 +514,19 @@ class SamplerHeadCallback(TrainerCallback):
                 f"head_loss got {prompt_hidden.shape[0]} prompt rows, {threshold.numel()} thresholds and "
                 f"{advantages.numel()} advantages; they must match."
             )
+        decisions = check_decisions(head, prompt_hidden, step_features, step_threshold, step_valid)
         if prompt_hidden.shape[0] == 0:  # keep every head parameter in the graph (DDP expects gradients)
             loss = sum(parameter.sum() for parameter in head.parameters()) * 0.0
             return loss.float(), {"loss": 0.0, "sigma": head.exploration_sigma}
         self._scored_since_snapshot = True
-        log_prob = head.log_prob(prompt_hidden, threshold)
+        if decisions is None:
+            decided, features, valid = threshold, {}, None
+        else:
+            step_features, valid = decisions
+            # slots without a decision get a placeholder in range; their terms are masked out below
+            decided = torch.where(valid, step_threshold.float().to(valid.device), head.config.init_threshold)
+            features = {"step_features": step_features}
+        log_prob = head.log_prob(prompt_hidden, decided, **features)
         advantages = advantages.to(log_prob.device)
         extra: dict[str, float] = {}
         if self.head_clip_epsilon is not None and self._behaviour_head is None:
@@ -456,22 +534,36 @@ class SamplerHeadCallback(TrainerCallback):
         behaviour = None
         if self.head_clip_epsilon is not None and self._behaviour_head is not None:
             with torch.no_grad():
-                behaviour = self._behaviour_head.log_prob(prompt_hidden, threshold, sigma=self._behaviour_sigma)
-        objective, diagnostics = clipped_surrogate(log_prob, behaviour, advantages, self.head_clip_epsilon)
-        unweighted_loss = -objective.mean()
+                behaviour = self._behaviour_head.log_prob(
+                    prompt_hidden, decided, sigma=self._behaviour_sigma, **features
+                )
+        if valid is None:
+            objective, diagnostics = clipped_surrogate(log_prob, behaviour, advantages, self.head_clip_epsilon)
+            unweighted_loss = -objective.mean()
+        else:
+            objective, diagnostics = clipped_surrogate(
+                log_prob, behaviour, advantages[:, None], self.head_clip_epsilon
+            )
+            valid = valid.to(objective.device)
+            weights = valid.float()
+            unweighted_loss = -((objective * weights).sum(1) / weights.sum(1).clamp(min=1)).mean()
+            diagnostics = {name: value[valid] for name, value in diagnostics.items()}
         if diagnostics:
             extra = {
                 "ratio_mean": float(diagnostics["ratio"].mean()),
                 "clipped_frac": float(diagnostics["is_clipped"].float().mean()),
             }
         with torch.no_grad():
-            predicted = head.predict_threshold(prompt_hidden)
+            predicted = head.predict_threshold(prompt_hidden, **features)
+        if valid is not None:
+            extra.update(decision_metrics(head, decided, valid))
+            decided, predicted = decided[valid], predicted[valid]
         metrics = {
             "loss": float(unweighted_loss.detach()),
-            "threshold_mean": float(threshold.mean()),
-            "threshold_std": float(threshold.std()) if threshold.numel() > 1 else 0.0,
-            "threshold_min": float(threshold.min()),
-            "threshold_max": float(threshold.max()),
+            "threshold_mean": float(decided.mean()),
+            "threshold_std": float(decided.std()) if decided.numel() > 1 else 0.0,
+            "threshold_min": float(decided.min()),
+            "threshold_max": float(decided.max()),
             "predicted_threshold_mean": float(predicted.mean()),
             "sigma": head.exploration_sigma,
             **extra,

@@ -16,6 +16,10 @@ HEAD_ATTRIBUTE = "diffpo_sampler_head"  # the head's submodule name on the train
 HEAD_FORMAT_VERSION = 1
 
 MODES = ("joint", "sampler_only")
+# What the policy reads: the pooled prompt only (one threshold per row), or also the state of every denoising step.
+PROMPT_FEATURES = "prompt"
+STATE_FEATURES = "state"
+FEATURES = (PROMPT_FEATURES, STATE_FEATURES)
 SIGMA_SCHEDULES = ("constant", "linear", "cosine")
 
 # |u| is kept within this bound: sigmoid(8) = 0.99966, far enough from 0/1 that a float32 threshold maps back to u
@@ -50,6 +54,11 @@ class SamplerHeadConfig:
         sigma_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` annealing from ``sigma`` to ``sigma_final``.
         sigma_anneal_steps: optimizer steps over which sigma anneals (``None``: the run's ``max_steps``).
         init_seed: seed of the MLP's initial weights (a forked RNG: the global RNG is untouched).
+        features: what the policy reads. ``"prompt"``: the pooled prompt only, one threshold per rollout row.
+            ``"state"``: a state-dependent policy deciding the threshold at every denoising step,
+            ``mu(c, s) = MLP(layer_norm(h(c))) + Linear(step features s)`` (the features of
+            :mod:`trl_diffpo.step_features`; the linear layer starts at zero, so the initial threshold is
+            ``init_threshold`` at every step). Files saved before this field existed load as ``"prompt"``.
     """
 
     sampler: str = ENTROPY_BOUNDED
@@ -63,6 +72,7 @@ class SamplerHeadConfig:
     sigma_schedule: str = "constant"
     sigma_anneal_steps: int | None = None
     init_seed: int = 0
+    features: str = PROMPT_FEATURES
 
     def __post_init__(self):
         if self.sampler not in ADAPTIVE_SAMPLERS:
@@ -105,6 +115,11 @@ class SamplerHeadConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0 (exploration noise in u-space), got {value}.")
+        if self.features not in FEATURES:
+            raise ValueError(
+                f"features={self.features!r}; choose 'prompt' (one threshold per prompt) or 'state' (a threshold "
+                "per denoising step from the decoding state)."
+            )
         if self.sigma_schedule not in SIGMA_SCHEDULES:
             raise ValueError(f"sigma_schedule={self.sigma_schedule!r}; choose one of {SIGMA_SCHEDULES}.")
         if self.sigma_schedule != "constant" and self.sigma_final is None:
@@ -148,5 +163,10 @@ class SamplerHeadConfig:
 
     def same_head_shape(self, other: SamplerHeadConfig) -> bool:
         """Whether a head with ``other``'s config has the same weights layout and the same threshold mapping."""
-        keys = ("sampler", "input_size", "mlp_hidden_size", "threshold_min", "threshold_max")
+        keys = ("sampler", "input_size", "mlp_hidden_size", "threshold_min", "threshold_max", "features")
         return all(getattr(self, key) == getattr(other, key) for key in keys)
+
+    @property
+    def state_dependent(self) -> bool:
+        """Whether the head decides a threshold per denoising step (``features="state"``)."""
+        return self.features == STATE_FEATURES
