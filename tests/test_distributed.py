@@ -229,7 +229,7 @@ def _digit_fraction_reward(prompts, completions, **kwargs):
 def _trainer_worker(rank: int, out_dir: str) -> dict:
     from datasets import Dataset
 
-    import trl_diffpo.sampler_head.callback as sampler_head_module  # where save_head looks save_sampler_head up
+    import trl_diffpo.sampler_head.checkpoints as sampler_head_module  # where save_head looks save_sampler_head up
     import trl_diffpo.trainer as trainer_module
     from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
     from trl_diffpo.likelihood import draw_surrogate_randomness

@@ -7,6 +7,8 @@ confidence threshold of ``"confidence_threshold"``. Training draws ``u ~ N(mu(c)
 G rollouts of a prompt decode with different thresholds, and a policy gradient on ``log N(u; mu(c), sigma^2)`` with a
 group-relative advantage of ``reward - nfe_penalty * nfe / gen_length`` moves ``mu(c)`` toward thresholds that are
 fast without costing reward. The map threshold -> ``u`` is invertible, so a rollout only has to keep its threshold.
+With ``SamplerHeadConfig(features="state")`` the head decides a threshold at every denoising step instead, from the
+prompt and the step's features (:mod:`trl_diffpo.step_features`).
 
 The package, one idea per module:
 
@@ -17,7 +19,8 @@ The package, one idea per module:
   LoRA adapter) and ZeRO-3 gathering of its weights.
 - :mod:`.objective`: the group-relative sampler advantage and the PPO-clipped surrogate.
 - :mod:`.callback`: :class:`SamplerHeadCallback`, which plugs the head into ``DiffpoTrainer`` (modes ``"joint"`` and
-  ``"sampler_only"``).
+  ``"sampler_only"``); :mod:`.checkpoints` its checkpoint files and resume state; :mod:`.decisions` a state head's
+  recorded decisions in the loss.
 - :mod:`.training_hooks`: the head's optimizer group, checkpoint-resume hooks and the DDP work-around.
 """
 

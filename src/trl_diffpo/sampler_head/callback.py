@@ -8,27 +8,24 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..backbones import unwrap_model
 from ..samplers import ADAPTIVE_SAMPLERS, ENTROPY_BOUNDED
+from .checkpoints import SamplerHeadCheckpoints
 from .config import (
     DEFAULT_THRESHOLD_RANGES,
     HEAD_ATTRIBUTE,
-    HEAD_CONFIG_NAME,
-    HEAD_WEIGHTS_NAME,
     MODES,
     SamplerHeadConfig,
 )
 from .decisions import check_decisions, decision_metrics
 from .network import SamplerHead
 from .objective import clipped_surrogate, group_relative_sampler_advantages, pearson
-from .persistence import head_state_dict, load_head_weights, load_sampler_head, save_sampler_head
+from .persistence import head_state_dict, load_head_weights, load_sampler_head
 from .training_hooks import (
     disable_ddp_unused_parameter_search,
     exclude_head_from_model_files,
@@ -51,7 +48,7 @@ def _noise_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class SamplerHeadCallback(TrainerCallback):
+class SamplerHeadCallback(SamplerHeadCheckpoints, TrainerCallback):
     """Trains a :class:`SamplerHead` inside ``DiffpoTrainer``: one learned decoding threshold per prompt.
 
     Modes: ``"joint"`` (the dLLM and the head train on the same rollouts) and ``"sampler_only"`` (the dLLM is frozen,
@@ -61,7 +58,9 @@ class SamplerHeadCallback(TrainerCallback):
     ``__init__``, :meth:`threshold_fn` as ``diffusion_generate(threshold_fn=...)`` for training rollouts,
     :meth:`sampler_advantages` on the gathered rewards/NFE, :meth:`head_loss` in ``compute_loss``, and
     :meth:`save_head` in ``save_model``. The callback events save the head into every ``checkpoint-N/``
-    (:meth:`on_save`) and anneal the exploration noise.
+    (:meth:`on_save`) and anneal the exploration noise. A state-dependent head (``features="state"``) decodes with
+    ``diffusion_generate(step_threshold_fn=callback.step_policy())`` instead, and :meth:`head_loss` then also takes
+    the rollouts' recorded decisions (see :attr:`state_dependent`).
 
     Args:
         mode: ``"joint"`` or ``"sampler_only"``.
@@ -253,53 +252,6 @@ class SamplerHeadCallback(TrainerCallback):
         hook_head_optimizer_group(trainer, head, self.head_learning_rate)
         hook_head_resume(trainer, self.restore_head)
         disable_ddp_unused_parameter_search(trainer)
-
-    def restore_head(self, checkpoint_folder: str | os.PathLike) -> bool:
-        """Load the head's weights from ``checkpoint_folder`` in place; ``False`` (logged, counted) when it has none."""
-        weights_path = os.path.join(checkpoint_folder, HEAD_WEIGHTS_NAME)
-        config_path = os.path.join(checkpoint_folder, HEAD_CONFIG_NAME)
-        if not (os.path.isfile(weights_path) and os.path.isfile(config_path)):
-            self._count_fallback("resume_without_head_files")
-            logger.warning(
-                "Resuming from %s, which has no %s: the sampler head keeps its current weights (the checkpoint was "
-                "written without a SamplerHeadCallback).",
-                checkpoint_folder,
-                HEAD_WEIGHTS_NAME,
-            )
-            return False
-        saved = load_sampler_head(checkpoint_folder)
-        if not saved.config.same_head_shape(self.head.config):
-            raise ValueError(
-                f"The sampler head in {checkpoint_folder} ({saved.config.to_dict()}) does not match the callback's "
-                f"head ({self.head.config.to_dict()}): resume with the same sampler, range and head size."
-            )
-        load_head_weights(self.head, saved.state_dict(), source=weights_path)
-        self.restored_from = os.fspath(checkpoint_folder)
-        logger.info("Restored the sampler head from %s.", checkpoint_folder)
-        return True
-
-    def resume_state(self) -> dict[str, Any]:
-        """Rollout-time state a checkpoint needs for an exact resume (see :mod:`trl_diffpo.checkpointing`): the frozen
-        behaviour head of the PPO ratio (inside a generation cycle the next steps score the buffered rows against it)
-        and the fallback counters. The noise draws need nothing: they are derived from the global step."""
-        behaviour = self._behaviour_head
-        return {
-            "behaviour_head": None if behaviour is None else head_state_dict(behaviour),
-            "behaviour_sigma": self._behaviour_sigma,
-            "scored_since_snapshot": self._scored_since_snapshot,
-            "fallback_counts": dict(self.fallback_counts),
-        }
-
-    def load_resume_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`resume_state` (after the head itself exists)."""
-        head = self._require_head()
-        if state["behaviour_head"] is not None:
-            snapshot = SamplerHead(head.config).to(head.dtype)
-            load_head_weights(snapshot, state["behaviour_head"], source="the checkpoint's behaviour head")
-            self._behaviour_head = snapshot.to(head.device).eval().requires_grad_(False)
-        self._behaviour_sigma = state["behaviour_sigma"]
-        self._scored_since_snapshot = bool(state["scored_since_snapshot"])
-        self.fallback_counts = dict(state["fallback_counts"])
 
     def _count_fallback(self, name: str) -> None:
         self.fallback_counts[name] = self.fallback_counts.get(name, 0) + 1
@@ -570,47 +522,13 @@ class SamplerHeadCallback(TrainerCallback):
         }
         return self.head_loss_weight * unweighted_loss, metrics
 
-    # -- persistence and callback events -----------------------------------------------------------------------------
-
-    def _should_write(self) -> bool:
-        args = getattr(self.trainer, "args", None)
-        return bool(getattr(args, "should_save", True))
-
-    def save_head(self, output_dir: str | os.PathLike) -> None:
-        """Save the head into ``output_dir`` (``sampler_head.safetensors`` + ``sampler_head_config.json``).
-
-        Called on every process (gathering ZeRO-3 partitions is a collective); only the process that saves writes.
-        """
-        head = self._require_head()
-        state_dict = head_state_dict(head)
-        if self._should_write():
-            save_sampler_head(head, output_dir, state_dict=state_dict)
-
     def _update_sigma(self, state) -> None:
         if self.head is not None:
             self.head.exploration_sigma = self.head.config.sigma_at(state.global_step, state.max_steps)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._update_sigma(state)
-        if state.global_step > 0 and self.restored_from is None:
-            if getattr(self.trainer, "is_deepspeed_enabled", False):
-                logger.info("Resumed under DeepSpeed: the engine checkpoint restored the sampler head.")
-            else:
-                self._count_fallback("resume_without_head_restore")
-                logger.warning(
-                    "Training resumes at step %d but the sampler head was not restored from a checkpoint's %s; it "
-                    "keeps the weights the model was loaded with.",
-                    state.global_step,
-                    HEAD_WEIGHTS_NAME,
-                )
+        self._check_resumed_head(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._update_sigma(state)
-
-    def on_save(self, args, state, control, **kwargs):
-        """Write the head into the ``checkpoint-N/`` folder the Trainer just saved."""
-        if self.head is None:
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder) or not self._should_write():
-            self.save_head(folder)
