@@ -130,7 +130,7 @@ def _tiny_decoder():
     return tokenizer, model, input_ids
 
 
-def _decode(model, input_ids, threshold, synced_gpus: bool, cache: str = "none"):
+def _decode(model, input_ids, threshold, synced_gpus: bool, cache: str = "none", **policy):
     from trl_diffpo.generation import diffusion_generate
 
     return diffusion_generate(
@@ -143,6 +143,7 @@ def _decode(model, input_ids, threshold, synced_gpus: bool, cache: str = "none")
         temperature=0.0,
         synced_gpus=synced_gpus,
         cache=cache,
+        **policy,
     )
 
 
@@ -168,7 +169,19 @@ def _decoding_worker(rank: int, out_dir: str) -> dict:
     output = _decode(model, input_ids, _cached_thresholds(rank), True, cache="prefix")
     result["prefix"] = {"forward_calls": len(forward_calls), "nfe": output.nfe, "sequences": output.sequences}
     dist.barrier()
+    forward_calls.clear()  # a state-dependent policy (a decision per step, none in the padding forwards)
+    output = _decode(model, input_ids, None, True, step_threshold_fn=_constant_step_policy(threshold))
+    result["step_policy"] = {"forward_calls": len(forward_calls), "nfe": output.nfe, "sequences": output.sequences}
+    result["step_policy"]["decisions"] = output.step_valid.sum(1)
+    dist.barrier()
     return result
+
+
+def _constant_step_policy(threshold: float):
+    def policy(prompt_hidden, step_features):
+        return torch.full((step_features.shape[0],), threshold)
+
+    return policy
 
 
 @pytest.mark.slow
@@ -205,6 +218,18 @@ def test_synced_gpus_with_a_cache_keeps_forward_calls_equal_across_ranks(decodin
 
 
 @pytest.mark.slow
+def test_synced_gpus_with_a_step_policy_records_only_the_real_steps(decoding_runs):
+    """step_threshold_fn is called per real step only: the ranks stay in step, and each rank's decisions and result
+    are those of its own fixed-threshold decoding."""
+    ranks = [run["step_policy"] for run in decoding_runs]
+    assert ranks[0]["forward_calls"] == ranks[1]["forward_calls"] == GEN_LENGTH
+    for rank in (0, 1):
+        fixed = decoding_runs[rank][True]
+        assert torch.equal(ranks[rank]["nfe"], fixed["nfe"]) and torch.equal(ranks[rank]["decisions"], fixed["nfe"])
+        assert torch.equal(ranks[rank]["sequences"], fixed["sequences"])
+
+
+@pytest.mark.slow
 def test_without_synced_gpus_ranks_make_different_forward_counts(decoding_runs):
     """The control: without ``synced_gpus`` the fast rank stops early (what would hang a ZeRO-3 run)."""
     ranks = [run[False] for run in decoding_runs]
@@ -229,7 +254,7 @@ def _digit_fraction_reward(prompts, completions, **kwargs):
 def _trainer_worker(rank: int, out_dir: str) -> dict:
     from datasets import Dataset
 
-    import trl_diffpo.sampler_head as sampler_head_module
+    import trl_diffpo.sampler_head.checkpoints as sampler_head_module  # where save_head looks save_sampler_head up
     import trl_diffpo.trainer as trainer_module
     from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
     from trl_diffpo.likelihood import draw_surrogate_randomness

@@ -35,7 +35,8 @@ def run(tokenizer, output_dir, with_head, resume_from_checkpoint=None, **overrid
     callbacks = []
     if with_head:
         options.update(sampler="entropy_bounded", threshold=1.0)
-        callbacks.append(SamplerHeadCallback(nfe_penalty=0.5, mlp_hidden_size=8))
+        features = "state" if with_head == "state" else "prompt"  # "state": a threshold per denoising step
+        callbacks.append(SamplerHeadCallback(nfe_penalty=0.5, mlp_hidden_size=8, features=features))
     options.update(overrides)
     trainer = DiffpoTrainer(
         model=build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1),
@@ -68,8 +69,8 @@ def assert_same_run(full, resumed, label):
 # step N: 1, 3 and 5 fall inside a generation cycle, 2 on a boundary, 4 at the end of an epoch.
 @pytest.mark.parametrize(
     ("with_head", "checkpoints"),
-    [(False, (1, 2, 4, 5)), (True, (1, 2))],
-    ids=["fixed_sampler", "sampler_head"],
+    [(False, (1, 2, 4, 5)), (True, (1, 2)), ("state", (1, 2))],
+    ids=["fixed_sampler", "sampler_head", "state_sampler_head"],
 )
 def test_resume_from_any_checkpoint_reproduces_the_run(tokenizer, tmp_path, with_head, checkpoints):
     max_steps = 6 if not with_head else 4

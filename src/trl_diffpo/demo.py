@@ -88,10 +88,20 @@ class DemoSettings:
     head_learning_rate: float = 1e-3
     head_sigma: float = 0.5
     head_scale_advantages: bool = False
+    head_features: str = "prompt"  # "state": a threshold per denoising step (SamplerHeadConfig.features)
     # evaluation
     eval_batch_size: int = 64
     sweep_thresholds: tuple[float, ...] = (0.02, 0.3, 1.0)
     retrain_warmup: bool = False
+
+    def __post_init__(self):
+        from .sampler_head import FEATURES
+
+        if self.head_features not in FEATURES:
+            raise ValueError(
+                f"head_features={self.head_features!r}; choose 'prompt' (one threshold per prompt) or 'state' (a "
+                "threshold per denoising step)."
+            )
 
     def apply_quick(self) -> None:
         """Shrink every phase to a few steps (for the test suite)."""
@@ -366,6 +376,7 @@ def train_diffpo(
             sigma=settings.head_sigma,
             scale_advantages=settings.head_scale_advantages,
             mlp_hidden_size=64,
+            features=settings.head_features,
             seed=settings.seed,
         )
     )
@@ -562,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
         "head_sigma": "exploration noise of the head (std in logit space)",
         "head_scale_advantages": "divide the head's group advantages by the group std (off: nfe_penalty is an exact "
         "exchange rate between reward and NFE)",
+        "head_features": "what the sampler head reads: 'prompt' (one threshold per prompt) or 'state' (a threshold "
+        "per denoising step from the decoding state: block entropy / confidence, progress)",
         "eval_batch_size": "evaluation batch size",
         "sweep_thresholds": "extra gammas evaluated for the accuracy-vs-NFE plot",
         "retrain_warmup": "ignore the cached warm-up model",

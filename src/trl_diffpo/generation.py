@@ -9,7 +9,9 @@ computed; ``cache="prefix" | "dual"`` reuses keys/values across the steps of a b
 
 The returned trace is what training needs: for every completion position the 1-based step of its row at which it was
 committed (``unmask_step``), the behaviour log-probability of the committed token under the distribution that
-committed it (``logprobs``), and per row the number of forward passes (``nfe``) and the threshold used.
+committed it (``logprobs``), and per row the number of forward passes (``nfe``) and the threshold used. With a
+state-dependent policy (``step_threshold_fn``) the threshold is decided at every step from what the step sees
+(:mod:`trl_diffpo.step_features`), and every decision is recorded (``step_features``, ``step_threshold``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ from .samplers import (
     LOW_CONFIDENCE,
     RANDOM,
     SAMPLERS,
+    check_threshold,
     fixed_schedule,
     select_confidence_threshold,
     select_entropy_bounded,
     select_top_k,
+)
+from .step_features import (
+    StepDecisions,
+    block_entropy,
+    call_step_threshold_fn,
+    check_threshold_sources,
+    step_features,
 )
 from .token_sampling import sample_from_log_probs
 
@@ -62,7 +72,15 @@ class DiffusionGenerateOutput:
         completion_mask: ``(batch, gen_length)`` bool, ``True`` up to and including the first EOS (of any id; all ``True`` when
             no ``eos_token_id`` is given).
         prompt_hidden: ``(batch, hidden)`` mean-pooled last-layer hidden state of the prompt from the first forward,
-            detached, when a ``threshold_fn`` was given or ``return_prompt_hidden=True``; else ``None``.
+            detached, when a ``threshold_fn`` or ``step_threshold_fn`` was given or ``return_prompt_hidden=True``; else
+            ``None``.
+        step_features: with ``step_threshold_fn``: ``(batch, gen_length, F)`` float32 features of each decision
+            (:data:`trl_diffpo.step_features.STEP_FEATURE_NAMES`), the row's step ``t`` at index ``t - 1``; else
+            ``None``.
+        step_threshold: with ``step_threshold_fn``: ``(batch, gen_length)`` float32 threshold of each decision
+            (``nan`` where there is none); ``threshold`` is then each row's mean over its decisions.
+        step_valid: with ``step_threshold_fn``: ``(batch, gen_length)`` bool, ``True`` at the row's first ``nfe``
+            slots (one decision per step).
     """
 
     sequences: torch.LongTensor
@@ -72,6 +90,9 @@ class DiffusionGenerateOutput:
     threshold: torch.Tensor
     completion_mask: torch.BoolTensor
     prompt_hidden: torch.Tensor | None = None
+    step_features: torch.Tensor | None = None
+    step_threshold: torch.Tensor | None = None
+    step_valid: torch.BoolTensor | None = None
 
     @property
     def completion_ids(self) -> torch.LongTensor:
@@ -145,20 +166,6 @@ def _check_options(
     return num_blocks, steps_per_block
 
 
-def _check_threshold(threshold: torch.Tensor, sampler: str) -> None:
-    if sampler == CONFIDENCE_THRESHOLD:
-        bad = ~((threshold > 0) & (threshold <= 1))
-        valid = "(0, 1]"
-    elif sampler == ENTROPY_BOUNDED:
-        bad = ~(torch.isfinite(threshold) & (threshold >= 0))
-        valid = "[0, inf) (gamma, in nats)"
-    else:
-        return
-    if bad.any():
-        value = threshold[bad][0].item()
-        raise ValueError(f"threshold={value} is out of range for sampler={sampler!r}: valid range is {valid}.")
-
-
 def _as_row_threshold(threshold, batch_size: int, device: torch.device, sampler: str) -> torch.Tensor:
     if sampler in FIXED_SCHEDULE_SAMPLERS:
         return torch.full((batch_size,), float("nan"), device=device)
@@ -171,7 +178,7 @@ def _as_row_threshold(threshold, batch_size: int, device: torch.device, sampler:
         raise ValueError(
             f"threshold must be a float or a tensor of shape ({batch_size},), got {tuple(threshold.shape)}."
         )
-    _check_threshold(threshold, sampler)
+    check_threshold(threshold, sampler)
     return threshold
 
 
@@ -248,6 +255,7 @@ def diffusion_generate(
     steps: int | None = None,
     threshold: float | torch.Tensor | None = None,
     threshold_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step_threshold_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     mask_token_id: int | None = None,
@@ -274,6 +282,11 @@ def diffusion_generate(
         threshold_fn: called once with the ``(batch, hidden)`` pooled prompt hidden state of the first forward; returns
             the ``(batch,)`` per-row thresholds (how a learned sampler head sets thresholds without an extra forward).
             When given, it takes precedence over ``threshold``.
+        step_threshold_fn: a state-dependent policy: called at every step with the active rows' ``(rows, hidden)``
+            pooled prompt hidden states and their ``(rows, F)`` step features
+            (:func:`trl_diffpo.step_features.step_features`); returns their ``(rows,)`` thresholds for this step.
+            Adaptive samplers only; excludes ``threshold`` and ``threshold_fn``. It must not issue collectives (with
+            ``synced_gpus`` the ranks make different numbers of decisions). Every decision is recorded in the output.
         temperature: 0 for greedy (argmax); otherwise an exact draw from ``softmax(logits / temperature)``
             (inverse-CDF, one float64 uniform per position: :func:`sample_from_log_probs`).
         generator: local ``torch.Generator`` for all randomness (token draws, random order); the global RNG is
@@ -307,11 +320,12 @@ def diffusion_generate(
     check_cache_options(backbone, cache, cache_refresh)
     _log_cache_mode(backbone, cache, cache_refresh)
     _check_mask_in_vocabulary(backbone, mask_id)
-    if threshold_fn is not None and sampler not in ADAPTIVE_SAMPLERS:
-        raise ValueError(f"threshold_fn only applies to the adaptive samplers {ADAPTIVE_SAMPLERS}, not {sampler!r}.")
+    check_threshold_sources(sampler, threshold, threshold_fn, step_threshold_fn)
     device = input_ids.device
     batch_size, prompt_length = input_ids.shape
-    row_threshold = None if threshold_fn is not None else _as_row_threshold(threshold, batch_size, device, sampler)
+    learned = threshold_fn is not None or step_threshold_fn is not None
+    row_threshold = None if learned else _as_row_threshold(threshold, batch_size, device, sampler)
+    decisions = StepDecisions(batch_size, gen_length, device) if step_threshold_fn is not None else None
     eos_ids = _as_eos_ids(eos_token_id, device)
     if generator is None and (temperature > 0 or sampler == RANDOM):
         generator = torch.Generator(device=device)
@@ -336,7 +350,7 @@ def diffusion_generate(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     schedule = torch.tensor(fixed_schedule(block_length, steps_per_block), device=device) if steps_per_block else None
     offsets = torch.arange(block_length, device=device)
-    need_hidden = threshold_fn is not None or return_prompt_hidden
+    need_hidden = learned or return_prompt_hidden
     prompt_hidden = None
     distributed = synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
     block_logits_of = BlockLogits(backbone, cache, cache_refresh, batch_size, prompt_length, block_length, device)
@@ -377,7 +391,7 @@ def diffusion_generate(
                         f"shape {tuple(row_threshold.shape)}."
                     )
                 row_threshold = row_threshold.reshape(batch_size).detach()
-                _check_threshold(row_threshold, sampler)
+                check_threshold(row_threshold, sampler)
 
         row_nfe = take(nfe) + 1
         row_block = take(block_index)
@@ -393,17 +407,27 @@ def diffusion_generate(
             proposal = block_logprobs.argmax(-1)
         proposal_logprob = block_logprobs.gather(-1, proposal[..., None]).squeeze(-1)
 
+        entropy = block_entropy(block_logprobs) if sampler == ENTROPY_BOUNDED else None
+        if decisions is not None:
+            features = step_features(
+                block_logprobs, candidates, row_canvas[:, prompt_length:], mask_id, row_block, num_blocks, entropy
+            )
+            step_threshold = call_step_threshold_fn(step_threshold_fn, take(prompt_hidden), features, sampler)
+            decisions.record(
+                torch.arange(batch_size, device=device) if rows is None else rows, row_nfe, features, step_threshold
+            )
+        else:
+            step_threshold = None if row_threshold is None else take(row_threshold)
+
         if sampler == LOW_CONFIDENCE:
             selected = select_top_k(proposal_logprob, candidates, schedule[take(step_in_block)])
         elif sampler == RANDOM:
             scores = _uniform(candidates.shape, generator, device)
             selected = select_top_k(scores, candidates, schedule[take(step_in_block)])
         elif sampler == CONFIDENCE_THRESHOLD:
-            selected = select_confidence_threshold(proposal_logprob.exp(), candidates, take(row_threshold))
+            selected = select_confidence_threshold(proposal_logprob.exp(), candidates, step_threshold)
         else:
-            # p log p with 0 * (-inf) = nan -> 0 at the excluded [MASK] (several times cheaper than xlogy's second log)
-            entropy = -(block_logprobs.exp() * block_logprobs).nan_to_num_(nan=0.0).sum(-1)
-            selected = select_entropy_bounded(entropy, candidates, take(row_threshold))
+            selected = select_entropy_bounded(entropy, candidates, step_threshold)
 
         completion_positions = positions - prompt_length
         new_tokens = torch.where(selected, proposal, block_tokens)
@@ -448,9 +472,12 @@ def diffusion_generate(
         unmask_step=unmask_step,
         logprobs=logprobs,
         nfe=nfe,
-        threshold=row_threshold,
+        threshold=row_threshold if decisions is None else decisions.row_mean_threshold(),
         completion_mask=completion_mask,
         prompt_hidden=prompt_hidden,
+        step_features=None if decisions is None else decisions.features,
+        step_threshold=None if decisions is None else decisions.threshold,
+        step_valid=None if decisions is None else decisions.valid,
     )
 
 

@@ -177,8 +177,12 @@ def quick_start(trainer, repo_id: str) -> str:
     if args.sampler in FIXED_SCHEDULE_SAMPLERS:
         decoding.append(f"steps={args.diffusion_steps}")
     if head:
-        lines.append("head = load_sampler_head(repo_id, device=model.device)  # the learned per-prompt threshold")
-        decoding.append("threshold_fn=head.predict_threshold")
+        if getattr(trainer.sampler_head_callback, "state_dependent", False):
+            lines.append("head = load_sampler_head(repo_id, device=model.device)  # the learned per-step threshold")
+            decoding.append("step_threshold_fn=head.predict_threshold")
+        else:
+            lines.append("head = load_sampler_head(repo_id, device=model.device)  # the learned per-prompt threshold")
+            decoding.append("threshold_fn=head.predict_threshold")
     elif args.sampler in ADAPTIVE_SAMPLERS:
         decoding.append(f"threshold={args.threshold}")
     decoding += [

@@ -80,3 +80,18 @@ def fixed_schedule(block_length: int, steps_per_block: int) -> list[int]:
     going to the first steps (e.g. block 32 over 5 steps -> [7, 7, 6, 6, 6])."""
     base, remainder = divmod(block_length, steps_per_block)
     return [base + (1 if step < remainder else 0) for step in range(steps_per_block)]
+
+
+def check_threshold(threshold: torch.Tensor, sampler: str) -> None:
+    """Raise a ``ValueError`` naming the first per-row threshold out of ``sampler``'s range (no-op for fixed ones)."""
+    if sampler == CONFIDENCE_THRESHOLD:
+        bad = ~((threshold > 0) & (threshold <= 1))
+        valid = "(0, 1]"
+    elif sampler == ENTROPY_BOUNDED:
+        bad = ~(torch.isfinite(threshold) & (threshold >= 0))
+        valid = "[0, inf) (gamma, in nats)"
+    else:
+        return
+    if bad.any():
+        value = threshold[bad][0].item()
+        raise ValueError(f"threshold={value} is out of range for sampler={sampler!r}: valid range is {valid}.")

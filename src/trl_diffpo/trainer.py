@@ -287,11 +287,18 @@ class DiffpoTrainer(GRPOTrainer):
             self._rollout_generator = torch.Generator(device=device).manual_seed(self._rollout_seed)
         return self._rollout_generator
 
-    def _threshold_fn(self):
+    def _threshold_kwargs(self) -> dict:
+        """How the rollouts get their thresholds: the fixed ``args.threshold``, a prompt head's ``threshold_fn`` or a
+        state head's ``step_threshold_fn`` (built here, on every process: it copies the head once)."""
         head = self.sampler_head_callback
         if head is None:
-            return None
-        return head.threshold_fn if self._mode() == "train" else head.head.predict_threshold
+            return {"threshold": self.args.threshold}
+        if self._state_dependent_head():
+            return {"step_threshold_fn": head.step_policy()}
+        return {"threshold_fn": head.threshold_fn if self._mode() == "train" else head.head.predict_threshold}
+
+    def _state_dependent_head(self) -> bool:
+        return bool(getattr(self.sampler_head_callback, "state_dependent", False))
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields:
@@ -306,7 +313,7 @@ class DiffpoTrainer(GRPOTrainer):
             [torch.ones_like(p) for p in prompts], 0, padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of
         )
         input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-        threshold_fn = self._threshold_fn()
+        threshold_kwargs = self._threshold_kwargs()
         # Every forward is a collective under ZeRO-3 without gathering and under FSDP: keep the ranks in step.
         synced_gpus = (self._dist.is_zero3 and not args.ds3_gather_for_generation) or self.is_fsdp_enabled
         with (
@@ -328,8 +335,7 @@ class DiffpoTrainer(GRPOTrainer):
                 block_length=args.block_length,
                 sampler=args.sampler,
                 steps=args.diffusion_steps if args.sampler in FIXED_SCHEDULE_SAMPLERS else None,
-                threshold=None if threshold_fn is not None else args.threshold,
-                threshold_fn=threshold_fn,
+                **threshold_kwargs,
                 temperature=self.temperature,
                 generator=self._rollout_random(device),
                 mask_token_id=self.mask_token_id,
@@ -524,6 +530,10 @@ class DiffpoTrainer(GRPOTrainer):
         }
         if trace.prompt_hidden is not None:
             context[_PREFIX + "prompt_hidden"] = trace.prompt_hidden
+        if trace.step_features is not None:  # a state head's decisions, batch-first like the rest
+            context[_PREFIX + "step_features"] = trace.step_features
+            context[_PREFIX + "step_threshold"] = trace.step_threshold
+            context[_PREFIX + "step_valid"] = trace.step_valid
         # sampler_only: the frozen dLLM needs no surrogate at all. Otherwise the old log-probs (and the IS weight
         # from them) are computed here only where the policy moves between generation and use.
         if not self._policy_is_frozen():
@@ -552,8 +562,10 @@ class DiffpoTrainer(GRPOTrainer):
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable, as TRL marks them
         nfe = self.accelerator.gather(trace.nfe)
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        # a state head's per-row thresholds are the means of its decisions (the callback cannot pair up its draws)
+        row_thresholds = {"row_thresholds": trace.threshold} if self._state_dependent_head() else {}
         advantages = self.sampler_head_callback.sampler_advantages(
-            rewards, nfe, self.max_completion_length, num_generations
+            rewards, nfe, self.max_completion_length, num_generations, **row_thresholds
         )
         start = self.accelerator.process_index * local_size
         return advantages[start : start + local_size].to(trace.nfe.device)
@@ -592,8 +604,16 @@ class DiffpoTrainer(GRPOTrainer):
         return loss
 
     def _sampler_head_loss(self, inputs, mode: str) -> torch.Tensor:
+        decisions = {
+            name: inputs[_PREFIX + name]
+            for name in ("step_features", "step_threshold", "step_valid")
+            if _PREFIX + name in inputs
+        }
         head_loss, head_metrics = self.sampler_head_callback.head_loss(
-            inputs[_PREFIX + "prompt_hidden"], inputs[_PREFIX + "threshold"], inputs[_PREFIX + "sampler_advantages"]
+            inputs[_PREFIX + "prompt_hidden"],
+            inputs[_PREFIX + "threshold"],
+            inputs[_PREFIX + "sampler_advantages"],
+            **decisions,
         )
         for name, value in head_metrics.items():
             self._metrics[mode][f"sampler_head/{name}"].append(float(value))

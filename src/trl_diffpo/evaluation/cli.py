@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..generation import _check_options as check_decoding_options
-from ..generation import _check_threshold as check_threshold
+from ..samplers import check_threshold
 from ..scripts.errors import CliError
 from ..scripts.local_files import check_data_files, check_model_source
 from .results import PLOT_FILE, RESULTS_FILE

@@ -138,13 +138,21 @@ def evaluate(
     device = model_device(model)
     was_training = model.training
     model.eval()
-    threshold_fn = None
+    learned_kwargs = {}  # how a `learned` setting decodes: the head's mean policy
     if sampler_head is not None:
         dtype = next(sampler_head.parameters()).dtype
         sampler_head = sampler_head.to(device).eval()
 
         def threshold_fn(prompt_hidden: torch.Tensor) -> torch.Tensor:
             return sampler_head.predict_threshold(prompt_hidden.to(dtype))
+
+        def step_threshold_fn(prompt_hidden: torch.Tensor, step_features: torch.Tensor) -> torch.Tensor:
+            return sampler_head.predict_threshold(prompt_hidden.to(dtype), step_features)
+
+        state_dependent = sampler_head.config.state_dependent  # a threshold per denoising step
+        learned_kwargs = (
+            {"step_threshold_fn": step_threshold_fn} if state_dependent else {"threshold_fn": threshold_fn}
+        )
 
     batches = []
     for start in range(0, total, batch_size):
@@ -177,7 +185,7 @@ def evaluate(
                     sampler=setting.sampler,
                     steps=setting.steps,
                     threshold=setting.threshold,
-                    threshold_fn=threshold_fn if setting.learned else None,
+                    **(learned_kwargs if setting.learned else {}),
                     temperature=temperature,
                     generator=generator,
                     eos_token_id=tokenizer.eos_token_id,

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
+from ..sampler_head import FEATURES, SIGMA_SCHEDULES, SamplerHeadCallback, SamplerHeadConfig
 from ..sampler_head import MODES as SAMPLER_HEAD_MODES
-from ..sampler_head import SIGMA_SCHEDULES, SamplerHeadCallback, SamplerHeadConfig
 from .errors import CliError
 
 SAMPLER_HEAD_PREFIX = "sampler_head_"
@@ -24,6 +24,7 @@ SAMPLER_HEAD_CONFIG_OPTIONS = (
     "sigma_schedule",
     "sigma_anneal_steps",
     "init_seed",
+    "features",
 )
 _HEAD_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerHeadConfig)}
 _HEAD_CALLBACK_DEFAULTS = {
@@ -68,7 +69,7 @@ class DiffpoScriptArguments(ScriptArguments):
         sampler_head_<field>:
             One option per :class:`~trl_diffpo.sampler_head.SamplerHeadConfig` field (``mlp_hidden_size``,
             ``threshold_min``, ``threshold_max``, ``init_threshold``, ``sigma``, ``sigma_final``, ``sigma_schedule``,
-            ``sigma_anneal_steps``, ``init_seed``); ``None`` keeps the head's default.
+            ``sigma_anneal_steps``, ``init_seed``, ``features``); ``None`` keeps the head's default.
     """
 
     _argument_group_name = "script arguments (trl.ScriptArguments)"
@@ -190,6 +191,14 @@ class DiffpoScriptArguments(ScriptArguments):
     )
     sampler_head_init_seed: int = field(
         default=_HEAD_CONFIG_DEFAULTS["init_seed"], metadata={"help": "Seed of the head's initial weights."}
+    )
+    sampler_head_features: str = field(
+        default=_HEAD_CONFIG_DEFAULTS["features"],
+        metadata={
+            "help": "What the head reads: 'prompt' (one threshold per prompt) or 'state' (a threshold per denoising "
+            "step from the prompt and the decoding state: block entropy / confidence, progress).",
+            "choices": list(FEATURES),
+        },
     )
 
     def __post_init__(self):
