@@ -447,14 +447,13 @@ def test_demo_and_ablation_select_the_state_head(tmp_path):
     with pytest.raises(ValueError, match="head_features='step'"):
         DemoSettings(head_features="step")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    grid = load_grid(os.path.join(root, "examples/ablation/sudoku_cpu_state_head.yaml"))
+    grid = load_grid(os.path.join(root, "examples/ablation/sudoku_state_head.yaml"))
     by_name = {c.name: c for c in grid.configurations}
     assert by_name["joint, state head"].head == "joint" and len(grid.seeds) >= 3
     features = {name: demo_settings(grid, 0, c).head_features for name, c in by_name.items()}
     assert features == {
         "model-only": "prompt",
         "sampler-only, per-prompt head": "prompt",
-        "sampler-only, state head": "state",
         "joint, per-prompt head": "prompt",
         "joint, state head": "state",
     }
@@ -463,7 +462,7 @@ def test_demo_and_ablation_select_the_state_head(tmp_path):
         with open(os.path.join(root, "examples/ablation", name)) as handle:
             return yaml.safe_load(handle)["base"]
 
-    assert base("sudoku_cpu_state_head.yaml") == base("sudoku_cpu.yaml")  # the budget of the component ablation
+    assert base("sudoku_state_head.yaml") == base("sudoku_cpu.yaml")  # the budget of the component ablation
 
 
 def test_ablation_runs_a_joint_state_head_configuration(tmp_path, capsys):
