@@ -357,3 +357,55 @@ def test_kl_figure_of_a_saved_model(tmp_path, capsys):
     assert report["settings"]["num_prompts"] == 4 and report["settings"]["threshold"] == 0.5
     assert report["overall"]["num_tokens"] == sum(report["num_tokens"]) > 0
     assert not (tmp_path / "out" / "runs").exists()  # --kl-model does not run the grid
+
+
+def _record(name, seed, points, learned=None):
+    evaluation = {
+        "fixed_threshold": 0.1,
+        "points": [{"threshold": t, "accuracy": a, "mean_nfe": n} for t, a, n in points],
+    }
+    evaluation["learned"] = None if learned is None else {"accuracy": learned[0], "mean_nfe": learned[1]}
+    return {"configuration": {"name": name}, "seed": seed, "evaluation": evaluation}
+
+
+def test_learned_point_against_the_reference_frontier_by_hand():
+    from trl_diffpo.ablation.summary import learned_vs_reference, learned_vs_reference_table
+
+    model_only = [(0.1, 0.30, 10.0), (0.3, 0.20, 5.0), (1.0, 0.10, 2.0)]
+    records = [
+        _record("model-only", 0, model_only),
+        _record("model-only", 1, model_only),
+        # seed 0: 25% at 6 NFE; the reference reaches 25% at 5 + (25 - 20) / (30 - 20) * 5 = 7.5 NFE -> saving 20%;
+        # at 6 NFE the reference frontier gives 20 + (6 - 5) / 5 * 10 = 22%: +3 points
+        _record("joint, state head", 0, model_only, learned=(0.25, 6.0)),
+        # seed 1: 35% (above the reference's best, 30% at 10 NFE) at 9 NFE -> saving 1 - 9 / 10 = 10%
+        _record("joint, state head", 1, model_only, learned=(0.35, 9.0)),
+        _record("model-only", 2, model_only),  # a seed without the head configuration is skipped
+    ]
+    (row,) = learned_vs_reference(records, "model-only")
+    assert row["seeds"] == [0, 1] and row["target_met_seeds"] == 1
+    seed0, seed1 = row["per_seed"]["0"], row["per_seed"]["1"]
+    assert seed0["reference_nfe"] == pytest.approx(7.5) and seed0["nfe_saving"] == pytest.approx(0.2)
+    assert seed0["accuracy_vs_reference"] == pytest.approx(0.03) and seed0["target_met"]
+    assert seed1["reference_nfe"] == 10.0 and seed1["nfe_saving"] == pytest.approx(0.1) and not seed1["target_met"]
+    assert seed1["accuracy_vs_reference"] == pytest.approx(0.35 - (0.20 + 0.8 * 0.10))
+    assert row["metrics"]["nfe_saving"]["mean"] == pytest.approx(0.15)
+    assert row["metrics"]["nfe_saving"]["std"] == pytest.approx(statistics.stdev([0.2, 0.1]))
+    table = learned_vs_reference_table([row])
+    assert "| joint, state head | 2 | 30.0 ± 7.1 | 7.50 ± 2.12 | 8.75 ± 1.77 | 15.0 ± 7.1 |" in table
+    assert "| 1 of 2 |" in table
+
+
+def test_learned_reference_must_name_a_configuration(tmp_path):
+    from trl_diffpo.ablation.grid import parse_grid
+
+    raw = {
+        "seeds": [0],
+        "evaluation": {"fixed_threshold": 0.1, "learned_reference": "nope"},
+        "configurations": [{"name": "model-only", "trainer": {}}],
+    }
+    with pytest.raises(ValueError, match="learned_reference='nope' is not one of"):
+        parse_grid(raw)
+    raw["evaluation"]["learned_reference"] = "model-only"
+    assert parse_grid(raw).learned_reference == "model-only"
+    assert "learned_reference" not in parse_grid(raw).evaluation  # summary only: fingerprints do not change

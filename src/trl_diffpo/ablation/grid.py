@@ -88,6 +88,7 @@ class AblationGrid:
     matched_nfe: float | None = None
     matched_accuracy: float | None = None
     kl_per_step: dict[str, Any] | None = None
+    learned_reference: str | None = None  # summary only: not part of the runs' fingerprints
 
     @property
     def evaluation(self) -> dict[str, Any]:
@@ -209,6 +210,12 @@ def parse_grid(raw: dict[str, Any], source: str = "<grid>") -> AblationGrid:
     recipe = dict(raw.get("recipe") or {})
     if backend == RECIPE:
         _require("config" in recipe, f"{source}: backend 'recipe' needs `recipe.config` (a trl-diffpo train YAML).")
+    learned_reference = evaluation.get("learned_reference")
+    _require(
+        learned_reference is None or learned_reference in names,
+        f"{source}: evaluation.learned_reference={learned_reference!r} is not one of {names} (the configuration whose "
+        "frontier the learned thresholds are compared with, e.g. model-only training at a fixed gamma).",
+    )
     kl = raw.get("kl_per_step")
     if kl is not None:
         _require(isinstance(kl, dict), f"{source}: `kl_per_step` must be a mapping (configuration, seed, ...).")
@@ -229,6 +236,7 @@ def parse_grid(raw: dict[str, Any], source: str = "<grid>") -> AblationGrid:
         matched_nfe=evaluation.get("matched_nfe"),
         matched_accuracy=evaluation.get("matched_accuracy"),
         kl_per_step=kl,
+        learned_reference=learned_reference,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from . import records
 from .grid import RECIPE, SUDOKU_CPU, AblationGrid, Configuration
 from .plot import FRONTIERS_PNG, plot_frontiers
-from .summary import fixed_point, summarise, write_summary
+from .summary import fixed_point, learned_vs_reference, summarise, write_summary
 
 
 def _fingerprint(grid: AblationGrid, configuration: Configuration | None) -> str:
@@ -120,6 +120,8 @@ def write_outputs(grid: AblationGrid) -> dict[str, str]:
     summary = summarise(found, matched or None, order=[c.name for c in grid.configurations])
     summary["grid"] = grid.name
     summary["fixed_threshold"] = grid.fixed_threshold
+    if grid.learned_reference:
+        summary["learned_vs_reference"] = learned_vs_reference(found, grid.learned_reference)
     paths = write_summary(summary, grid.output_dir, grid.fixed_threshold)
     paths["png"] = plot_frontiers(
         summary,

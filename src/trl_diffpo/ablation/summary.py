@@ -178,6 +178,84 @@ def summarise(records: list[dict[str, Any]], grid_matched: dict | None = None, o
     return {"configurations": rows, "matched": grid_matched or {"reference": "warm-up model at the fixed threshold"}}
 
 
+TARGET_NFE_SAVING = 0.20  # issue 13: >= 20% fewer NFE than the reference frontier at the learned point's accuracy
+
+
+def learned_vs_reference(records: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Each head configuration's learned operating point against the same seed's ``reference`` frontier.
+
+    Per seed, with the learned point ``(accuracy a, NFE n)`` and the reference configuration's frontier (e.g.
+    model-only training at a fixed gamma, swept): ``reference_nfe``, the fewest NFE at which the reference reaches
+    accuracy ``a`` (when ``a`` is above its best accuracy: the NFE of its most accurate point, a comparison the learned
+    point wins on accuracy); ``nfe_saving = 1 - n / reference_nfe`` (the target is >= 20%); and
+    ``accuracy_vs_reference``: ``a`` minus the reference frontier's accuracy at ``n`` (``None`` below its cheapest
+    point). Returns one row per configuration with a learned point: per-seed values and mean / std / n.
+    """
+    references = {r["seed"]: r for r in records if r["configuration"]["name"] == reference}
+    per_configuration: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        learned = record["evaluation"].get("learned")
+        if not learned or record["seed"] not in references:
+            continue
+        front = frontier(references[record["seed"]]["evaluation"]["points"])
+        accuracy, nfe = float(learned["accuracy"]), float(learned["mean_nfe"])
+        reference_nfe = nfe_at_accuracy(front, accuracy)
+        if reference_nfe is None and front:
+            reference_nfe = front[-1][0]
+        reference_accuracy = accuracy_at_nfe(front, nfe)
+        saving = None if not reference_nfe else 1.0 - nfe / reference_nfe
+        per_configuration.setdefault(record["configuration"]["name"], {})[record["seed"]] = {
+            "learned_accuracy": accuracy,
+            "learned_nfe": nfe,
+            "reference_nfe": reference_nfe,
+            "nfe_saving": saving,
+            "accuracy_vs_reference": None if reference_accuracy is None else accuracy - reference_accuracy,
+            "target_met": saving is not None and saving >= TARGET_NFE_SAVING - 1e-12,
+        }
+    rows = []
+    for name, per_seed in per_configuration.items():
+        keys = ("learned_accuracy", "learned_nfe", "reference_nfe", "nfe_saving", "accuracy_vs_reference")
+        rows.append(
+            {
+                "name": name,
+                "reference": reference,
+                "seeds": sorted(per_seed),
+                "per_seed": {str(seed): values for seed, values in sorted(per_seed.items())},
+                "metrics": {key: mean_std_n([values[key] for values in per_seed.values()]) for key in keys},
+                "target_met_seeds": sum(values["target_met"] for values in per_seed.values()),
+            }
+        )
+    return rows
+
+
+def learned_vs_reference_table(rows: list[dict[str, Any]]) -> str:
+    """The learned-vs-reference rows as a markdown table (mean ± std over seeds)."""
+    reference = rows[0]["reference"]
+    lines = [
+        f"| configuration | seeds | learned accuracy (%) | learned NFE | {reference} NFE at that accuracy | NFE saving (%) "
+        f"| accuracy vs {reference} at that NFE (points) | seeds with saving >= {100 * TARGET_NFE_SAVING:.0f}% |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        seeds, m = len(row["seeds"]), row["metrics"]
+        cells = [
+            _cell(m["learned_accuracy"], 100.0, 1, seeds),
+            _cell(m["learned_nfe"], 1.0, 2, seeds),
+            _cell(m["reference_nfe"], 1.0, 2, seeds),
+            _cell(m["nfe_saving"], 100.0, 1, seeds),
+            _cell(m["accuracy_vs_reference"], 100.0, 1, seeds),
+        ]
+        lines.append(
+            f"| {row['name']} | {seeds} | " + " | ".join(cells) + f" | {row['target_met_seeds']} of {seeds} |"
+        )
+    lines += [
+        "",
+        f"learned point vs the same seed's '{reference}' frontier (its swept thresholds); NFE saving = 1 - learned NFE / "
+        f"the NFE at which '{reference}' reaches the learned accuracy (its most accurate point when it never does).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _cell(stat: dict[str, Any], scale: float, digits: int, seeds: int) -> str:
     if stat["mean"] is None:
         return "-"
@@ -216,4 +294,6 @@ def write_summary(summary: dict[str, Any], output_dir: str, fixed_threshold: flo
         json.dump(summary, handle, indent=2)
     with open(paths["md"], "w", encoding="utf-8") as handle:
         handle.write(markdown_table(summary, fixed_threshold))
+        if summary.get("learned_vs_reference"):
+            handle.write("\n" + learned_vs_reference_table(summary["learned_vs_reference"]))
     return paths
