@@ -359,15 +359,6 @@ def test_kl_figure_of_a_saved_model(tmp_path, capsys):
     assert not (tmp_path / "out" / "runs").exists()  # --kl-model does not run the grid
 
 
-def _record(name, seed, points, learned=None):
-    evaluation = {
-        "fixed_threshold": 0.1,
-        "points": [{"threshold": t, "accuracy": a, "mean_nfe": n} for t, a, n in points],
-    }
-    evaluation["learned"] = None if learned is None else {"accuracy": learned[0], "mean_nfe": learned[1]}
-    return {"configuration": {"name": name}, "seed": seed, "evaluation": evaluation}
-
-
 def test_learned_point_against_the_reference_frontier_by_hand():
     from trl_diffpo.ablation.summary import learned_vs_reference, learned_vs_reference_table
 
@@ -377,9 +368,9 @@ def test_learned_point_against_the_reference_frontier_by_hand():
         _record("model-only", 1, model_only),
         # seed 0: 25% at 6 NFE; the reference reaches 25% at 5 + (25 - 20) / (30 - 20) * 5 = 7.5 NFE -> saving 20%;
         # at 6 NFE the reference frontier gives 20 + (6 - 5) / 5 * 10 = 22%: +3 points
-        _record("joint, state head", 0, model_only, learned=(0.25, 6.0)),
+        _record("joint, state head", 0, model_only, learned={"accuracy": 0.25, "mean_nfe": 6.0}),
         # seed 1: 35% (above the reference's best, 30% at 10 NFE) at 9 NFE -> saving 1 - 9 / 10 = 10%
-        _record("joint, state head", 1, model_only, learned=(0.35, 9.0)),
+        _record("joint, state head", 1, model_only, learned={"accuracy": 0.35, "mean_nfe": 9.0}),
         _record("model-only", 2, model_only),  # a seed without the head configuration is skipped
     ]
     (row,) = learned_vs_reference(records, "model-only")
