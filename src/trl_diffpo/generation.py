@@ -326,6 +326,7 @@ def diffusion_generate(
     learned = threshold_fn is not None or step_threshold_fn is not None
     row_threshold = None if learned else _as_row_threshold(threshold, batch_size, device, sampler)
     decisions = StepDecisions(batch_size, gen_length, device) if step_threshold_fn is not None else None
+    all_rows = torch.arange(batch_size, device=device)  # the rows a step records when every row is active
     eos_ids = _as_eos_ids(eos_token_id, device)
     if generator is None and (temperature > 0 or sampler == RANDOM):
         generator = torch.Generator(device=device)
@@ -413,9 +414,7 @@ def diffusion_generate(
                 block_logprobs, candidates, row_canvas[:, prompt_length:], mask_id, row_block, num_blocks, entropy
             )
             step_threshold = call_step_threshold_fn(step_threshold_fn, take(prompt_hidden), features, sampler)
-            decisions.record(
-                torch.arange(batch_size, device=device) if rows is None else rows, row_nfe, features, step_threshold
-            )
+            decisions.record(all_rows if rows is None else rows, row_nfe, features, step_threshold)
         else:
             step_threshold = None if row_threshold is None else take(row_threshold)
 
