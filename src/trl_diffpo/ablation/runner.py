@@ -41,9 +41,19 @@ def _format_seconds(seconds: float) -> str:
 
 
 def run_grid(
-    grid: AblationGrid, *, rerun_changed: bool = False, show_progress: bool = True, dry_run: bool = False
+    grid: AblationGrid,
+    *,
+    rerun_changed: bool = False,
+    show_progress: bool = True,
+    dry_run: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run every unfinished run of ``grid``, then write the summary and plot. Returns ``{"ran", "skipped", ...}``."""
+    """Run every unfinished run of ``grid``, then write the summary and plot. Returns ``{"ran", "skipped", ...}``.
+
+    ``jobs > 1`` runs that many runs side by side in worker processes of ``threads`` torch threads each (default:
+    the cores shared evenly; :mod:`~trl_diffpo.ablation.parallel`), the ``sudoku_cpu`` backend only.
+    """
     plan = planned_runs(grid)
     todo = []
     for configuration, seed, path in plan:
@@ -63,27 +73,49 @@ def run_grid(
         return {"ran": 0, "skipped": skipped, "todo": len(todo)}
 
     started = time.perf_counter()
-    contexts: dict[int, Any] = {}
-    for index, (configuration, seed, path) in enumerate(todo, start=1):
+    finished: list[int] = []  # indices of the runs recorded so far (with --jobs, not in index order)
+
+    def on_start(index: int, configuration: Configuration | None, seed: int) -> None:
         name = configuration.name if configuration else records.WARMUP_NAME
         elapsed = time.perf_counter() - started
-        left = "" if index == 1 else f", about {_format_seconds(elapsed / (index - 1) * (len(todo) - index + 1))} left"
+        # naive: the mean wall time per finished run so far, times the runs not finished (running ones included)
+        rate = elapsed / len(finished) if finished else None
+        left = "" if rate is None else f", about {_format_seconds(rate * (len(todo) - len(finished)))} left"
         print(
             f"[ablate {index}/{len(todo)}] {name}, seed {seed} (elapsed {_format_seconds(elapsed)}{left})", flush=True
         )
-        record = _run_one(grid, configuration, seed, path, contexts, show_progress)
+
+    def on_record(index: int, configuration: Configuration | None, seed: int, path: str, record: dict) -> None:
         record["fingerprint"] = _fingerprint(grid, configuration)
         record["backend"] = grid.backend
         record["grid"] = grid.name
         records.write_record(path, record)
+        finished.append(index)
         point = fixed_point(record["evaluation"])
+        name = configuration.name if configuration else records.WARMUP_NAME
         print(
-            f"[ablate {index}/{len(todo)}] done in {_format_seconds(record['seconds']['total'])}: held-out accuracy "
-            f"{100 * point['accuracy']:.1f}% at {point['mean_nfe']:.2f} NFE (gamma {grid.fixed_threshold:g})",
+            f"[ablate {index}/{len(todo)}] {name}, seed {seed} done in {_format_seconds(record['seconds']['total'])}: "
+            f"held-out accuracy {100 * point['accuracy']:.1f}% at {point['mean_nfe']:.2f} NFE "
+            f"(gamma {grid.fixed_threshold:g})",
             flush=True,
         )
+
+    if jobs > 1:
+        from .parallel import run_parallel
+
+        run_parallel(grid, todo, jobs, threads, on_record=on_record, on_start=on_start)
+    else:
+        contexts: dict[int, Any] = {}
+        for index, (configuration, seed, path) in enumerate(todo, start=1):
+            on_start(index, configuration, seed)
+            on_record(
+                index, configuration, seed, path, _run_one(grid, configuration, seed, path, contexts, show_progress)
+            )
+    wall = time.perf_counter() - started
+    if todo:
+        print(f"[ablate] {len(todo)} runs in {_format_seconds(wall)} wall time ({jobs} job(s))", flush=True)
     outputs = write_outputs(grid)
-    return {"ran": len(todo), "skipped": skipped, "seconds": time.perf_counter() - started, **outputs}
+    return {"ran": len(todo), "skipped": skipped, "seconds": wall, **outputs}
 
 
 def _run_one(grid, configuration, seed, path, contexts, show_progress) -> dict[str, Any]:
