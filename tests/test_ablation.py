@@ -329,7 +329,12 @@ def test_shipped_cache_grid_trains_its_second_configuration_with_cached_rollouts
     """examples/ablation/sudoku_cache.yaml (issue 14): the same recipe as the CPU grid, with and without the cache."""
     raw = yaml.safe_load(open(os.path.join(ROOT, "examples/ablation/sudoku_cache.yaml")))
     main_grid = yaml.safe_load(open(os.path.join(ROOT, "examples/ablation/sudoku_cpu.yaml")))
-    assert raw["base"] == main_grid["base"] and raw["evaluation"] == main_grid["evaluation"]  # runs are comparable
+    # the RL budget and evaluation are the main grid's; the warm-up is pinned to the recipe its study ran with
+    warmup_keys = {"sft_target_accuracy", "sft_eval_every", "sft_eval_start", "num_validation", "validation_split"}
+    assert {k: v for k, v in raw["base"].items() if k not in warmup_keys} == {
+        k: v for k, v in main_grid["base"].items() if k not in warmup_keys
+    }
+    assert raw["evaluation"]["fixed_threshold"] == main_grid["evaluation"]["fixed_threshold"]
     raw.update(seeds=[0], output_dir=str(tmp_path / "cache"), base={**TINY_BASE, "rl_steps": 1})
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -400,3 +405,106 @@ def test_learned_reference_must_name_a_configuration(tmp_path):
     raw["evaluation"]["learned_reference"] = "model-only"
     assert parse_grid(raw).learned_reference == "model-only"
     assert "learned_reference" not in parse_grid(raw).evaluation  # summary only: fingerprints do not change
+
+
+def _comparable(record):
+    """A record without what depends on the clock or the process (timings, paths of the run, the warm-up cache)."""
+    curves = [{k: v for k, v in row.items() if "time" not in k} for row in record["training"]["curves"]]
+    return {
+        "configuration": record["configuration"]["name"],
+        "seed": record["seed"],
+        "fingerprint": record["fingerprint"],
+        "curves": curves,
+        "evaluation": record["evaluation"],
+    }
+
+
+def test_jobs_runs_side_by_side_and_matches_the_sequential_records(tmp_path, capsys):
+    """--jobs 2: the same records as one lane (one torch thread each), every run once, warm-ups before their runs."""
+    raw = _grid(tmp_path / "one-lane")
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(config), "--no-progress", "--threads", "1"]) == 0
+    sequential = sorted(map(_comparable, load_records(str(tmp_path / "one-lane"))), key=str)
+    capsys.readouterr()
+
+    parallel_dir = tmp_path / "two-lanes"
+    args = [
+        "--config",
+        str(config),
+        "--output-dir",
+        str(parallel_dir),
+        "--no-progress",
+        "--jobs",
+        "2",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert sorted(map(_comparable, load_records(str(parallel_dir))), key=str) == sequential
+    assert "6 runs in" in printed and "(2 job(s))" in printed and "| joint | 2 |" in printed
+    for seed in (0, 1):  # a seed's configurations start only once its warm-up reference is recorded
+        warmup_done = printed.index(f"{WARMUP_NAME}, seed {seed} done")
+        for name in ("d1 top-k", "joint"):
+            assert printed.index(f"] {name}, seed {seed} (elapsed") > warmup_done
+    assert main(args) == 0 and "6 finished, 0 to run" in capsys.readouterr().out  # resumable as before
+
+
+def test_jobs_a_failing_run_is_named_and_the_others_are_recorded(tmp_path):
+    raw = _grid(tmp_path / "out", seeds=[0])
+    raw["configurations"][1]["trainer"] = {"likelihood": "no_such_surrogate"}  # DiffpoConfig refuses it in the worker
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RuntimeError, match=r"first: joint, seed 0: .*no_such_surrogate.*run the same command again"):
+        main(["--config", str(config), "--no-progress", "--jobs", "2", "--threads", "1"])
+    names = {r["configuration"]["name"] for r in load_records(str(tmp_path / "out"))}
+    assert names == {WARMUP_NAME, "d1 top-k"}
+
+
+def test_jobs_refuses_the_recipe_backend_and_bad_counts(tmp_path, capsys):
+    from trl_diffpo.ablation.parallel import run_parallel
+
+    gpu = load_grid(os.path.join(ROOT, "examples/ablation/llada_sudoku_gpu.yaml"))
+    with pytest.raises(ValueError, match="--jobs 1"):
+        run_parallel(gpu, [], 2, None, on_record=print, on_start=print)
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(_grid(tmp_path / "out")))
+    assert main(["--config", str(config), "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_a_worker_ends_when_its_parent_is_killed():
+    """--jobs workers watch their parent: killed (e.g. Ctrl-C twice, SIGKILL), it leaves no orphan computing on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    worker = (
+        "import sys; from trl_diffpo.ablation.parallel import _exit_with_parent; "
+        "_exit_with_parent(int(sys.argv[1]), every=0.05)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); "
+        "print(child.pid, flush=True); time.sleep(120)"
+    )
+    middle = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    child_pid = int(middle.stdout.readline())
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return "\nState:\tZ" not in status.read()  # a zombie has exited (nobody reaped it yet)
+        except FileNotFoundError:
+            return False
+
+    time.sleep(0.3)
+    assert running(child_pid)
+    middle.send_signal(signal.SIGKILL)
+    middle.wait()
+    deadline = time.monotonic() + 10
+    while running(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child_pid)

@@ -44,6 +44,54 @@ def test_warmup_key_depends_on_warmup_settings_only():
     assert DemoSettings(seed=1).warmup_key() != base.warmup_key()
 
 
+def test_validation_is_held_out_like_and_never_a_held_out_puzzle():
+    from trl_diffpo.data.sudoku_generator import solution_grids_for_split
+    from trl_diffpo.demo import build_sudoku_data
+    from trl_diffpo.rewards.sudoku import grid_to_string
+    from trl_diffpo.tiny import build_char_tokenizer
+
+    settings = DemoSettings(num_train=64, num_held_out=256, num_validation=256, validation_split="test")
+    train, validation, held_out = build_sudoku_data(settings, build_char_tokenizer())
+    assert len(validation) == 256 and not set(validation["puzzle"]) & set(held_out["puzzle"])
+    test_grids = {grid_to_string(grid) for grid in solution_grids_for_split("test")}
+    assert set(validation["solution"]) <= test_grids and not set(train["solution"]) & test_grids
+    # the default: 64 puzzles of the training grids
+    old = DemoSettings(num_train=64, num_held_out=16)
+    _, old_validation, _ = build_sudoku_data(old, build_char_tokenizer())
+    assert len(old_validation) == 64 and not set(old_validation["solution"]) & test_grids
+    with pytest.raises(ValueError, match="validation_split='dev'"):
+        DemoSettings(validation_split="dev")
+    assert DemoSettings(validation_split="test").warmup_key() != DemoSettings().warmup_key()
+    assert DemoSettings(sft_eval_start=100).warmup_key() != DemoSettings().warmup_key()
+
+
+def test_warmup_validates_from_sft_eval_start_and_stops_at_the_target(tmp_path, monkeypatch):
+    """The warm-up measures validation accuracy every sft_eval_every steps from sft_eval_start, and stops there."""
+    import trl_diffpo.demo as demo
+    from trl_diffpo.tiny import build_char_tokenizer
+
+    settings = DemoSettings(output_dir=str(tmp_path), sft_target_accuracy=0.5, sft_eval_start=4)
+    settings.apply_quick()
+    settings.sft_steps, settings.sft_eval_every, settings.sft_eval_start = 12, 2, 4
+    measured = []
+
+    def fake_evaluate(settings_, model, tokenizer, rows, sampler_settings, **kwargs):
+        from types import SimpleNamespace
+
+        measured.append(len(rows))
+        accuracy = 0.6 if len(measured) == 3 else 0.1  # the target is reached at the third measurement
+        return SimpleNamespace(settings=[SimpleNamespace(accuracy=accuracy)])
+
+    monkeypatch.setattr(demo, "evaluate_held_out", fake_evaluate)
+    tokenizer = build_char_tokenizer()
+    train, validation, _ = demo.build_sudoku_data(settings, tokenizer)
+    _, info = demo.warmup_model(settings, tokenizer, train, validation)
+    steps = [(entry["step"], entry.get("val_accuracy")) for entry in info["sft_history"]]
+    assert steps == [(2, None), (4, 0.1), (6, 0.1), (8, 0.6)]  # none before step 4; stopped at step 8
+    assert info["sft_steps_run"] == 8 and info["validation_accuracy"] == 0.6
+    assert measured == [settings.num_validation] * 3
+
+
 def test_targets():
     rows = [
         {"accuracy": 0.30, "mean_nfe": 8.0},

@@ -72,11 +72,16 @@ class DemoSettings:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    # warm-up (masked-diffusion SFT), stopped once validation accuracy reaches sft_target_accuracy
+    # warm-up (masked-diffusion SFT), stopped once validation accuracy reaches sft_target_accuracy: every 25 steps on 64
+    # puzzles of the training grids, stopped at >= 30%. RL needs a warm-up that is far enough in training and still
+    # well below RL's ceiling (about 33% at this budget): docs/results.md explains the choice, and what a
+    # held-out-like validation (validation_split="test", 256 puzzles, every 10 steps from step 100, >= 18%) did.
     sft_steps: int = 800
     sft_target_accuracy: float | None = 0.3  # None: no early stop (exactly sft_steps steps)
     sft_eval_every: int = 25
+    sft_eval_start: int = 0  # no validation before this step
     num_validation: int = 64
+    validation_split: str = "train"  # "train": the training grids; "test": grids never seen in training
     sft_batch_size: int = 64
     sft_learning_rate: float = 1e-3
     # RL (DiffpoTrainer + sampler head)
@@ -107,12 +112,18 @@ class DemoSettings:
                 f"head_features={self.head_features!r}; choose 'prompt' (one threshold per prompt) or 'state' (a "
                 "threshold per denoising step)."
             )
+        if self.validation_split not in ("train", "test"):
+            raise ValueError(
+                f"validation_split={self.validation_split!r}; choose 'test' (solution grids never seen in training, "
+                "like the held-out set) or 'train' (the training grids)."
+            )
 
     def apply_quick(self) -> None:
         """Shrink every phase to a few steps (for the test suite)."""
         self.num_train, self.num_held_out = 64, 16
         self.hidden_size, self.num_layers, self.num_heads = 32, 1, 2
         self.sft_steps, self.sft_batch_size, self.sft_eval_every, self.num_validation = 4, 16, 2, 8
+        self.sft_eval_start = 0
         self.rl_steps, self.prompts_per_step, self.num_generations, self.num_iterations = 2, 2, 4, 1
         self.eval_batch_size = 16
         self.sweep_thresholds = (1.0,)
@@ -121,7 +132,8 @@ class DemoSettings:
         """Hash of the settings the warm-up checkpoint depends on (the cache key)."""
         fields = (
             "seed num_train min_blanks max_blanks gen_length hidden_size num_layers num_heads sft_steps "
-            "sft_batch_size sft_learning_rate sft_target_accuracy sft_eval_every num_validation"
+            "sft_batch_size sft_learning_rate sft_target_accuracy sft_eval_every sft_eval_start num_validation "
+            "validation_split"
         ).split()
         payload = {name: getattr(self, name) for name in fields}
         payload["format_version"] = DEMO_FORMAT_VERSION
@@ -146,8 +158,8 @@ def compact_prompt(puzzle: str) -> list[dict[str, str]]:
 def build_sudoku_data(settings: DemoSettings, tokenizer):
     """``(train, validation, held_out)`` datasets with ``prompt``, ``puzzle`` and ``solution`` columns.
 
-    Validation puzzles come from the training grids (they only decide when the warm-up stops); the held-out puzzles
-    use grids that never occur in training.
+    The held-out puzzles use grids that never occur in training. The validation puzzles (they only decide when the
+    warm-up stops) come from ``settings.validation_split``'s grids and never repeat a held-out puzzle.
     """
     from .data import generate_sudoku
 
@@ -155,7 +167,13 @@ def build_sudoku_data(settings: DemoSettings, tokenizer):
     common = {"num_blanks": blanks, "tokenizer": tokenizer, "system_prompt": None}
     train = generate_sudoku(settings.num_train, split="train", seed=settings.seed, **common)
     held_out = generate_sudoku(settings.num_held_out, split="test", seed=settings.seed + 1, **common)
-    validation = generate_sudoku(settings.num_validation, split="train", seed=settings.seed + 2, **common)
+    spare = len(held_out) if settings.validation_split == "test" else 0  # room to drop puzzles the held-out set has
+    validation = generate_sudoku(
+        settings.num_validation + spare, split=settings.validation_split, seed=settings.seed + 2, **common
+    )
+    held_out_puzzles = set(held_out["puzzle"])
+    keep = [i for i, puzzle in enumerate(validation["puzzle"]) if puzzle not in held_out_puzzles]
+    validation = validation.select(keep[: settings.num_validation])
 
     def compact(row):
         return {"prompt": compact_prompt(row["puzzle"])}
@@ -212,6 +230,8 @@ def warmup_model(settings: DemoSettings, tokenizer, train_rows, validation_rows)
     started = time.perf_counter()
 
     def validation_accuracy(step, model):
+        if step < settings.sft_eval_start:
+            return {"stop": False}
         results = evaluate_held_out(
             settings, model, tokenizer, validation_rows, [fixed_setting(settings)], show_progress=False
         )
@@ -477,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sft_steps": "most warm-up steps",
         "sft_target_accuracy": "the warm-up stops once validation accuracy reaches this (leaves room for RL)",
         "sft_eval_every": "warm-up steps between two validation measurements",
-        "num_validation": "validation puzzles (from the training grids) that decide when the warm-up stops",
+        "sft_eval_start": "first warm-up step with a validation measurement",
+        "num_validation": "validation puzzles (never a held-out puzzle) that decide when the warm-up stops",
+        "validation_split": "grids of the validation puzzles: 'test' (never seen in training, like the held-out set) "
+        "or 'train'",
         "sft_batch_size": "warm-up batch size",
         "sft_learning_rate": "warm-up peak learning rate",
         "rl_steps": "DiFFPO optimizer steps",
