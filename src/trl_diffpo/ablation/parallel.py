@@ -6,8 +6,8 @@ code, so a record made in a worker equals the record the sequential runner makes
 
 A seed's configurations wait until its warm-up is ready: the seed's warm-up reference run trains it (or loads it from
 the cache) first, so two workers never train the same warm-up at once; warm-ups are scheduled before everything
-else, so no worker idles waiting for one. The parent writes every record (one writer) as
-its run finishes; a run that fails stops the scheduling of new runs, the runs in flight finish and are recorded, and
+else, so no worker idles waiting for one. The parent writes every record (one writer) as its run finishes; a run
+that fails stops the scheduling of new runs, the runs in flight finish and are recorded, and
 the failure is raised with the run it came from.
 """
 
@@ -50,14 +50,10 @@ def _init_worker(threads: int, parent: int) -> None:
 
 
 def _run_in_worker(grid: AblationGrid, configuration: Configuration | None, seed: int, path: str, gate: bool):
-    from .runner import _run_one
+    from .runner import _run_one, seed_context
 
     if gate:  # the seed's warm-up is already recorded: only make sure its model is trained / cached
-        from . import sudoku_cpu
-
-        _WORKER_CONTEXTS.clear()
-        _WORKER_CONTEXTS[seed] = context = sudoku_cpu.SudokuSeedContext(grid, seed)
-        context.warmup_model()
+        seed_context(grid, seed, _WORKER_CONTEXTS).warmup_model()
         return None
     return _run_one(grid, configuration, seed, path, _WORKER_CONTEXTS, show_progress=False)
 
@@ -90,7 +86,7 @@ def run_parallel(
     ]
     pending += [(run, False) for run in todo]
     ready_seeds: set[int] = set()
-    index_of = {id(run): index for index, (run, _) in enumerate((p for p in pending if not p[1]), start=1)}
+    index_of = {id(run): index for index, run in enumerate(todo, start=1)}
     in_flight: dict[Future, tuple[Run, bool]] = {}
     failures: list[tuple[Run, BaseException]] = []
 

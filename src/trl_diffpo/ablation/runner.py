@@ -118,14 +118,21 @@ def run_grid(
     return {"ran": len(todo), "skipped": skipped, "seconds": wall, **outputs}
 
 
+def seed_context(grid: AblationGrid, seed: int, contexts: dict[int, Any]):
+    """The ``sudoku_cpu`` :class:`~.sudoku_cpu.SudokuSeedContext` of ``seed``, kept in ``contexts`` (one seed at a time)."""
+    from . import sudoku_cpu
+
+    if seed not in contexts:
+        contexts.clear()  # one seed's data at a time
+        contexts[seed] = sudoku_cpu.SudokuSeedContext(grid, seed)
+    return contexts[seed]
+
+
 def _run_one(grid, configuration, seed, path, contexts, show_progress) -> dict[str, Any]:
     if grid.backend == SUDOKU_CPU:
         from . import sudoku_cpu
 
-        if seed not in contexts:
-            contexts.clear()  # one seed's data at a time
-            contexts[seed] = sudoku_cpu.SudokuSeedContext(grid, seed)
-        context = contexts[seed]
+        context = seed_context(grid, seed, contexts)
         if configuration is None:
             return sudoku_cpu.run_warmup_reference(context, show_progress=show_progress)
         return sudoku_cpu.run_configuration(context, configuration, show_progress=show_progress)
