@@ -474,21 +474,22 @@ def test_jobs_refuses_the_recipe_backend_and_bad_counts(tmp_path, capsys):
     assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
-def test_a_worker_ends_when_its_parent_is_killed():
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
     """--jobs workers watch their parent: killed (e.g. Ctrl-C twice, SIGKILL), it leaves no orphan computing on."""
     import signal
     import subprocess
     import sys
     import time
 
+    ready = tmp_path / "ready"  # written once the worker has imported the package (seconds on a loaded CI machine)
     worker = (
-        "import sys; from trl_diffpo.ablation.parallel import _exit_with_parent; "
-        "_exit_with_parent(int(sys.argv[1]), every=0.05)"
+        "import pathlib, sys; from trl_diffpo.ablation.parallel import _exit_with_parent; "
+        "pathlib.Path(sys.argv[2]).write_text('ready'); _exit_with_parent(int(sys.argv[1]), every=0.05)"
     )
     parent = (
         "import os, subprocess, sys, time; "
-        f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); "
-        "print(child.pid, flush=True); time.sleep(120)"
+        f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid()), {str(ready)!r}]); "
+        "print(child.pid, flush=True); time.sleep(600)"
     )
     middle = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
     child_pid = int(middle.stdout.readline())
@@ -500,11 +501,20 @@ def test_a_worker_ends_when_its_parent_is_killed():
         except FileNotFoundError:
             return False
 
-    time.sleep(0.3)
-    assert running(child_pid)
-    middle.send_signal(signal.SIGKILL)
-    middle.wait()
-    deadline = time.monotonic() + 10
-    while running(child_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not running(child_pid)
+    def wait_until(condition, seconds):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return condition()
+
+    try:
+        assert wait_until(ready.exists, 300), "the worker never finished importing trl_diffpo"
+        time.sleep(0.2)
+        assert running(child_pid)  # watching its (alive) parent, not exiting on its own
+        middle.send_signal(signal.SIGKILL)
+        middle.wait()
+        assert wait_until(lambda: not running(child_pid), 30)
+    finally:
+        middle.kill()
+        if running(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
