@@ -281,7 +281,7 @@ def test_a_window_forward_before_a_full_one_is_an_error():
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_the_trainer_trains_with_cached_rollouts(tokenizer, tmp_path, monkeypatch, cache):
-    import trl_diffpo.trainer as trainer_module
+    import trl_diffpo.trainer_rollouts as trainer_module  # where the rollouts call diffusion_generate
     from test_trainer import changed, logged, make_trainer, snapshot
 
     seen = []

@@ -97,7 +97,7 @@ def _train_case(rank: int, out_dir: str, case: Case) -> dict:
     from accelerate.state import AcceleratorState
     from datasets import Dataset
 
-    import trl_diffpo.trainer as trainer_module
+    import trl_diffpo.trainer_rollouts as trainer_module  # where the rollouts call diffusion_generate
     from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
     from trl_diffpo.tiny import build_char_tokenizer
 

@@ -255,7 +255,7 @@ def _trainer_worker(rank: int, out_dir: str) -> dict:
     from datasets import Dataset
 
     import trl_diffpo.sampler_head.checkpoints as sampler_head_module  # where save_head looks save_sampler_head up
-    import trl_diffpo.trainer as trainer_module
+    import trl_diffpo.trainer_rollouts as trainer_module  # where the rollouts call diffusion_generate
     from trl_diffpo import DiffpoConfig, DiffpoTrainer, SamplerHeadCallback
     from trl_diffpo.likelihood import draw_surrogate_randomness
     from trl_diffpo.tiny import build_char_tokenizer, build_tiny_model

@@ -197,7 +197,7 @@ def test_old_logps_are_stored_when_the_policy_moves_in_between(tokenizer, tmp_pa
 
 
 def test_rollouts_stop_at_every_eos_id_of_the_model(tokenizer, tmp_path, monkeypatch):
-    import trl_diffpo.trainer as trainer_module
+    import trl_diffpo.trainer_rollouts as trainer_module  # where the rollouts call diffusion_generate
 
     model = build_tiny_model(tokenizer, architecture="llama", hidden_size=32, num_layers=1, seed=1)
     end_of_turn = tokenizer.convert_tokens_to_ids("#")

@@ -1,15 +1,21 @@
 """DiffpoTrainer: GRPO for masked diffusion LMs with DiFFPO's surrogate likelihood and importance-sampling correction.
 
 The trainer is glue over :mod:`trl_diffpo.generation` (rollouts and their trace) and :mod:`trl_diffpo.likelihood`
-(the surrogate and the IS weight). It overrides only what DiFFPO changes in TRL's ``GRPOTrainer``:
+(the surrogate and the IS weight). It overrides only what DiFFPO changes in TRL's ``GRPOTrainer``; two mixins hold
+the two halves of that change:
 
-- ``_generate_single_turn``: masked-diffusion rollouts inside TRL's generation context; the trace is kept;
-- ``_generate``: exposes ``nfe`` and ``threshold`` to reward functions;
-- ``_get_per_token_logps_and_entropies``: the surrogate on the sampled canvas, with the batch's stored draws;
+- :class:`~trl_diffpo.trainer_rollouts.DiffusionRolloutMixin`: masked-diffusion rollouts inside TRL's generation
+  context (``_generate_single_turn``, ``_generate``: ``nfe`` and ``threshold`` for reward functions);
+- :class:`~trl_diffpo.trainer_surrogate.SurrogateLogProbMixin`: TRL's per-token log-prob hook answered with the
+  surrogate on the sampled canvas, the old / reference log-probs of every inner iteration, the IS weight.
+
+This module keeps the construction (reference model, sampler head, guards) and the batch:
+
 - ``_generate_and_score_completions``: attaches the trace and the draws, computes the old and reference log-probs of
   every inner iteration and the IS weight, logs the diffusion metrics;
 - ``compute_loss``: selects the inner iteration, folds the IS weight into the per-token advantages and adds the
-  sampler-head loss.
+  sampler-head loss;
+- checkpoints, resume and the model card.
 
 Folding the detached, non-negative weight ``w`` into the advantages reproduces ``w * min(rho A, clip(rho) A)`` for
 every TRL loss type (each is linear in a non-negative weight on ``A``) and leaves the KL term unweighted.
@@ -19,25 +25,20 @@ from __future__ import annotations
 
 import copy
 import textwrap
-from dataclasses import dataclass
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.extras.profiling import profiling_context
-from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
     disable_dropout_in_model,
     get_config_model_id,
     is_async_callable,
-    pad,
-    use_adapter,
 )
 
-from .backbones import DiffusionBackbone, check_bidirectional, is_shifted_logits_model, resolve_mask_token_id
+from .backbones import check_bidirectional, is_shifted_logits_model, resolve_mask_token_id
 from .checkpointing import (
     copy_head_files,
     load_diffpo_state,
@@ -47,13 +48,15 @@ from .checkpointing import (
     save_diffpo_state,
 )
 from .config import DiffpoConfig
-from .generation import DiffusionGenerateOutput, diffusion_generate, first_true_index
-from .likelihood import draw_surrogate_randomness, importance_weights, surrogate_log_probs
+from .generation import DiffusionGenerateOutput
+from .likelihood import draw_surrogate_randomness
 from .model_card import write_model_card
 from .rewards import prepare_reward_funcs
-from .rollout_metrics import importance_weight_metrics, rollout_metrics
-from .samplers import ADAPTIVE_SAMPLERS, FIXED_SCHEDULE_SAMPLERS
+from .rollout_metrics import rollout_metrics
+from .samplers import ADAPTIVE_SAMPLERS
+from .trainer_rollouts import DiffusionRolloutMixin, _Rollout
 from .trainer_setup import average_head_gradients_under_ddp, load_policy, named_reward, prepare_model_for_grpo
+from .trainer_surrogate import _PREFIX, SurrogateLogProbMixin, _fit, _LossContext
 from .validation import PromptLengthGuard, UnscorableStreak, check_datasets
 
 logger = get_logger(__name__)
@@ -61,41 +64,9 @@ logger = get_logger(__name__)
 # Offsets that give every process its own rollout / surrogate random stream.
 _PROCESS_SEED_STRIDE = 1_000_003
 _SURROGATE_SEED_OFFSET = 7_919
-# Keys of the per-row DiFFPO context in the batch dict (batch-first tensors).
-_PREFIX = "diffpo_"
 
 
-@dataclass
-class _Rollout:
-    """The trace of the last call to ``_generate_single_turn`` and the padded prompt mask it used."""
-
-    prompt_mask: torch.Tensor
-    output: DiffusionGenerateOutput
-
-
-@dataclass
-class _LossContext:
-    """What :meth:`DiffpoTrainer.compute_loss` hands to the log-prob hook TRL's loss calls: the batch, its inner
-    iteration, the inputs TRL's loss reads, whether the IS weight comes from the current forward, and the mode."""
-
-    inputs: dict
-    iteration: int
-    policy_inputs: dict
-    weight_from_current: bool
-    mode: str
-
-
-def _fit(tensor: torch.Tensor, width: int, fill: float) -> torch.Tensor:
-    """Cut or right-pad the last dimension of ``tensor`` to ``width`` (TRL's completion tensors may be shorter than
-    the canvas, or padded beyond it with ``pad_to_multiple_of``)."""
-    length = tensor.shape[-1]
-    if length >= width:
-        return tensor[..., :width]
-    padding = tensor.new_full((*tensor.shape[:-1], width - length), fill)
-    return torch.cat([tensor, padding], dim=-1)
-
-
-class DiffpoTrainer(GRPOTrainer):
+class DiffpoTrainer(DiffusionRolloutMixin, SurrogateLogProbMixin, GRPOTrainer):
     """
     Trainer for DiFFPO (Diffusion Fast and Furious Policy Optimization, https://huggingface.co/papers/2510.02212):
     GRPO for masked diffusion language models.
@@ -281,92 +252,6 @@ class DiffpoTrainer(GRPOTrainer):
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
 
-    def _rollout_random(self, device: torch.device) -> torch.Generator:
-        """The local generator of all rollout randomness, created once on the rollout device and then kept."""
-        if self._rollout_generator is None:
-            self._rollout_generator = torch.Generator(device=device).manual_seed(self._rollout_seed)
-        return self._rollout_generator
-
-    def _threshold_kwargs(self) -> dict:
-        """How the rollouts get their thresholds: the fixed ``args.threshold``, a prompt head's ``threshold_fn`` or a
-        state head's ``step_threshold_fn`` (built here, on every process: it copies the head once)."""
-        head = self.sampler_head_callback
-        if head is None:
-            return {"threshold": self.args.threshold}
-        if self._state_dependent_head():
-            return {"step_threshold_fn": head.step_policy()}
-        return {"threshold_fn": head.threshold_fn if self._mode() == "train" else head.head.predict_threshold}
-
-    def _state_dependent_head(self) -> bool:
-        return bool(getattr(self.sampler_head_callback, "state_dependent", False))
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if images is not None or multimodal_fields:
-            raise ValueError("DiffpoTrainer supports text prompts only (no images or multimodal fields).")
-        args = self.args
-        device = self.accelerator.device
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(
-            prompts, self._tokenizer.pad_token_id, padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of
-        )
-        prompt_mask = pad(
-            [torch.ones_like(p) for p in prompts], 0, padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of
-        )
-        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-        threshold_kwargs = self._threshold_kwargs()
-        # Every forward is a collective under ZeRO-3 without gathering and under FSDP: keep the ranks in step.
-        synced_gpus = (self._dist.is_zero3 and not args.ds3_gather_for_generation) or self.is_fsdp_enabled
-        with (
-            profiling_context(self, "diffusion_generate"),
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            ) as unwrapped_model,
-            torch.no_grad(),
-            self._dist.summon_full_params(self.model_wrapped, recurse=False),
-        ):
-            rollout = diffusion_generate(
-                DiffusionBackbone(unwrapped_model, self.mask_token_id, logits_shift=self._logits_shift),
-                input_ids,
-                prompt_mask,
-                gen_length=self.max_completion_length,
-                block_length=args.block_length,
-                sampler=args.sampler,
-                steps=args.diffusion_steps if args.sampler in FIXED_SCHEDULE_SAMPLERS else None,
-                **threshold_kwargs,
-                temperature=self.temperature,
-                generator=self._rollout_random(device),
-                mask_token_id=self.mask_token_id,
-                eos_token_id=self.eos_token_ids or None,  # every EOS id ends a row, as TRL cuts at any
-                stop_at_eos=args.stop_at_eos,
-                return_prompt_hidden=self.sampler_head_callback is not None,
-                synced_gpus=synced_gpus,
-                cache=args.rollout_cache,
-                cache_refresh=args.rollout_cache_refresh,
-            )
-        self._last_rollout = _Rollout(prompt_mask=prompt_mask, output=rollout)
-        # TRL's completions end at the first EOS (any of the model's EOS ids); the canvas stays in the trace.
-        completion = rollout.completion_ids
-        is_eos = torch.isin(completion, torch.tensor(self.eos_token_ids, device=completion.device))
-        lengths = (first_true_index(is_eos) + 1).clamp(max=completion.shape[1]).tolist()
-        completion_ids = [row[:n].tolist() for row, n in zip(completion.cpu(), lengths, strict=True)]
-        logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs.cpu(), lengths, strict=True)]
-        return completion_ids, logprobs
-
-    def _tokenize_prompts(self, prompts: list):
-        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
-        return self._prompt_guard(prompt_ids, self._metrics[self._mode()]), images, multimodal_fields
-
-    def _generate(self, prompts: list):
-        (prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images) = (
-            super()._generate(prompts)
-        )
-        rollout = self._last_rollout.output
-        extra_fields = {**extra_fields, "nfe": rollout.nfe.tolist(), "threshold": rollout.threshold.tolist()}
-        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         infinite = torch.isinf(rewards_per_func)
@@ -387,102 +272,6 @@ class DiffpoTrainer(GRPOTrainer):
             self._metrics[mode]["rewards/unscorable_batches"].append(float(self._unscorable_streak.total))
         self._rewards_per_func = rewards_per_func
         return rewards_per_func
-
-    # -------------------------------------------------------------------------------------------- log-probs
-
-    def _surrogate(self, model, context: dict, iteration: int, batch_size=None, compute_entropy=False):
-        """Surrogate log-probs (and entropies) of the batch's canvas under ``model``, with iteration ``iteration``'s
-        draws. Runs with gradients unless called under ``no_grad``."""
-        backbone = DiffusionBackbone(model, self.mask_token_id, logits_shift=self._logits_shift)
-        with self.accelerator.autocast():
-            return surrogate_log_probs(
-                backbone,
-                context[_PREFIX + "sequences"],
-                context[_PREFIX + "prompt_mask"],
-                context[_PREFIX + "unmask_step"],
-                context[_PREFIX + "prompt_noise"][:, iteration],
-                context[_PREFIX + "stage_starts"][:, iteration],
-                temperature=self.temperature,
-                batch_size=batch_size,
-                compute_entropy=compute_entropy,
-                entropy_requires_grad=self._entropy_bonus_enabled,  # TRL's entropy bonus is the only gradient user
-                # every forward is a collective under ZeRO-3 / FSDP: make the count independent of the draws
-                every_stage=self._dist.is_zero3 or self.is_fsdp_enabled,
-            )
-
-    def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
-    ):
-        """TRL's hook for per-token log-probs, answered with the surrogate of the current batch's sampled canvas.
-
-        TRL passes its EOS-truncated ids; the surrogate scores the raw canvas instead, with the draws of the current
-        inner iteration (set by :meth:`compute_loss`). TRL's own generation-time calls are answered with
-        placeholders: the old and reference log-probs are computed per inner iteration afterwards. When the batch
-        carries no old log-probs (they equal the detached current ones), the IS weight is computed here from this
-        very forward and folded into the advantages, which TRL's loss reads after this call.
-        """
-        width = logits_to_keep
-        if self._loss_context is None:
-            if self._defer_log_probs:
-                return input_ids.new_zeros((input_ids.shape[0], width), dtype=torch.float32), None, None
-            raise RuntimeError(
-                "DiffpoTrainer computes log-probs on the sampled diffusion trace of a batch; "
-                "`_get_per_token_logps_and_entropies` was called outside `compute_loss`."
-            )
-        context = self._loss_context
-        logps, entropy = self._surrogate(model, context.inputs, context.iteration, batch_size, compute_entropy)
-        if context.weight_from_current:
-            inputs = context.inputs
-            weight = self._importance_weights(
-                inputs["completion_mask"], inputs[_PREFIX + "behaviour_logps"], logps[:, None], context.mode
-            )[:, 0]
-            context.policy_inputs["advantages"] = context.inputs["advantages"][:, None] * _fit(weight, width, 1.0)
-        return _fit(logps, width, 0.0), None if entropy is None else _fit(entropy, width, 0.0), None
-
-    def _old_logps_are_current(self, mode: str) -> bool:
-        """Whether the policy is unchanged between generation and every use of the batch, so that the old surrogate
-        log-probs equal the detached current ones (TRL's own criterion, plus one inner iteration)."""
-        if mode != "train":
-            return True
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return self.num_iterations == 1 and self.args.gradient_accumulation_steps % generate_every == 0
-
-    def _policy_is_frozen(self) -> bool:
-        """``sampler_only``: the dLLM does not train, so no surrogate log-probs are needed at all."""
-        head = self.sampler_head_callback
-        return head is not None and getattr(head, "mode", None) == "sampler_only"
-
-    @torch.no_grad()
-    def _log_probs_per_iteration(self, context: dict, num_iterations: int, batch_size: int, need_old: bool):
-        """Old (when ``need_old``) and reference surrogate log-probs for every inner iteration: ``(batch,
-        num_iterations, L)`` each, or ``None``."""
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            old = (
-                [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
-                if need_old
-                else None
-            )
-            ref = None
-            if self.beta != 0.0:
-                if self.ref_model is not None:
-                    ref = [self._surrogate(self.ref_model, context, it, batch_size)[0] for it in range(num_iterations)]
-                else:
-                    unwrapped = self.accelerator.unwrap_model(self.model)
-                    with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                        ref = [self._surrogate(self.model, context, it, batch_size)[0] for it in range(num_iterations)]
-        return (None if old is None else torch.stack(old, dim=1)), (None if ref is None else torch.stack(ref, dim=1))
-
-    def _importance_weights(
-        self, completion_mask: torch.Tensor, behaviour_logps: torch.Tensor, surrogate_logps: torch.Tensor, mode: str
-    ) -> torch.Tensor:
-        """``(batch, iterations, L)`` clamped IS weights of ``surrogate_logps`` (same shape) against the rollouts'
-        ``(batch, L)`` behaviour log-probs, counting TRL's ``completion_mask``; logs what the correction sees."""
-        loss_mask = _fit(completion_mask.float(), surrogate_logps.shape[-1], 0.0)[:, None]
-        behaviour = behaviour_logps[:, None, :]
-        weight = importance_weights(surrogate_logps, behaviour, loss_mask, self.args.is_correction, self.args.is_clamp)
-        gap = surrogate_logps.detach() - behaviour
-        self._log(mode, importance_weight_metrics(weight, gap, loss_mask, self.args.is_clamp, self.accelerator.gather))
-        return weight
 
     def _log(self, mode: str, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
