@@ -518,3 +518,39 @@ def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
         middle.kill()
         if running(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_records_name_the_code_that_made_them(tmp_path):
+    """Every record carries the package version and, in a git checkout, the commit and whether files differed."""
+    import shutil
+    import subprocess
+
+    from trl_diffpo import __version__
+    from trl_diffpo.ablation.records import code_revision, read_record, write_record
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "module.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("add", "module.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = git("rev-parse", "HEAD").strip()
+    assert code_revision(str(checkout)) == {"version": __version__, "git_revision": head, "git_dirty": False}
+    (checkout / "module.py").write_text("x = 2\n")
+    code_revision.cache_clear()
+    assert code_revision(str(checkout))["git_dirty"] is True
+    outside = tmp_path / "not-a-checkout"
+    outside.mkdir()
+    assert code_revision(str(outside)) == {"version": __version__, "git_revision": None, "git_dirty": None}
+
+    code_revision.cache_clear()
+    path = str(tmp_path / "runs" / "x" / "seed-0.json")
+    write_record(path, {"seed": 0})
+    assert read_record(path)["code"] == code_revision()
+    assert read_record(path)["code"]["version"] == __version__

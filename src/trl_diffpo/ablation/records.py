@@ -12,8 +12,10 @@ leaves no half-written record, and a re-run skips every run whose record exists 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -28,10 +30,43 @@ def record_path(output_dir: str, slug: str, seed: int) -> str:
     return os.path.join(output_dir, RUNS_FOLDER, slug, f"seed-{seed}.json")
 
 
+def _git(source_dir: str, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", source_dir, *args], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@functools.cache
+def code_revision(source_dir: str | None = None) -> dict[str, Any]:
+    """Which code made a record: the package version and, when it runs from a git checkout, the commit and whether
+    the package's files differed from it (``git_revision`` / ``git_dirty`` are None outside a checkout)."""
+    from .. import __version__
+
+    if source_dir is None:
+        source_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    revision = _git(source_dir, "rev-parse", "HEAD")
+    changes = _git(source_dir, "status", "--porcelain", "--", ".") if revision else None
+    return {
+        "version": __version__,
+        "git_revision": revision,
+        "git_dirty": None if changes is None else bool(changes),
+    }
+
+
 def write_record(path: str, record: dict[str, Any]) -> None:
-    """Write ``record`` as JSON atomically (temporary file + rename), creating folders as needed."""
+    """Write ``record`` as JSON atomically (temporary file + rename), creating folders as needed; the record gets
+    its format version, the time it finished and the code that made it (:func:`code_revision`)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = {"format_version": RECORD_FORMAT_VERSION, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+    record = {
+        "format_version": RECORD_FORMAT_VERSION,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": code_revision(),
+        **record,
+    }
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, default=str)
