@@ -554,3 +554,32 @@ def test_records_name_the_code_that_made_them(tmp_path):
     write_record(path, {"seed": 0})
     assert read_record(path)["code"] == code_revision()
     assert read_record(path)["code"]["version"] == __version__
+
+
+@pytest.mark.parametrize(
+    "grid_file, committed", [("sudoku_cpu.yaml", "sudoku_cpu"), ("sudoku_cpu_60.yaml", "sudoku_cpu_60")]
+)
+def test_committed_studies_are_what_their_grid_and_records_give(tmp_path, grid_file, committed, capsys):
+    """docs/results/<study>: every planned run has a record made with its grid's settings (same fingerprint), and
+    the committed summary table is the one the runner rebuilds from those records (the numbers docs/results.md
+    quotes)."""
+    import dataclasses
+    import shutil
+
+    from trl_diffpo.ablation import records
+    from trl_diffpo.ablation.runner import _fingerprint, planned_runs, write_outputs
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    study = os.path.join(root, "docs", "results", committed)
+    grid = load_grid(os.path.join(root, "examples", "ablation", grid_file))
+    grid = dataclasses.replace(grid, output_dir=str(tmp_path))
+    shutil.copytree(os.path.join(study, records.RUNS_FOLDER), tmp_path / records.RUNS_FOLDER)
+    plan = planned_runs(grid)
+    assert len(plan) == len(grid.seeds) * (len(grid.configurations) + 1)
+    for configuration, _, path in plan:
+        assert records.finished_record(path, _fingerprint(grid, configuration)) is not None, path
+    write_outputs(grid)
+    capsys.readouterr()
+    with open(os.path.join(study, "summary.md"), encoding="utf-8") as handle:
+        committed_table = handle.read()
+    assert (tmp_path / "summary.md").read_text(encoding="utf-8") == committed_table
