@@ -33,8 +33,9 @@ class DemoSettings:
     num_heads: int = 4
     # warm-up (masked-diffusion SFT), stopped once validation accuracy reaches sft_target_accuracy: every 25 steps on 64
     # puzzles of the training grids, stopped at >= 30%. RL needs a warm-up that is far enough in training and still
-    # well below RL's ceiling (about 33% at this budget): docs/results.md explains the choice, and what a
-    # held-out-like validation (validation_split="test", 256 puzzles, every 10 steps from step 100, >= 18%) did.
+    # low enough to leave RL room (its gain varies from about 0 to 14 points with seed and warm-up): docs/results.md
+    # explains the choice, and what a held-out-like validation (validation_split="test", 256 puzzles, every 10 steps
+    # from step 100, >= 18%) and a fixed 250-step warm-up did.
     sft_steps: int = 800
     sft_target_accuracy: float | None = 0.3  # None: no early stop (exactly sft_steps steps)
     sft_eval_every: int = 25
